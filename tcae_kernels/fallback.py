@@ -63,7 +63,7 @@ def _neighbours(x0, y0, ax, ay, h_in: int, w_in: int):
 
 def _gather(flat: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     b, c, _ = flat.shape
-    n = idx[0].numel()
+    n = idx.shape[1] * idx.shape[2]
     vals = flat.gather(2, idx.reshape(b, 1, n).expand(b, c, n))
     return vals * valid.reshape(b, 1, n)
 
