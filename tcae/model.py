@@ -163,7 +163,9 @@ class Decoder(nn.Module):
         self.net = nn.Sequential(*layers)
         self.disp_scale = config.disp_scale
 
-    def forward(self, source_emb: torch.Tensor, target_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, source_emb: torch.Tensor, target_emb: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.cat([source_emb, target_emb], dim=1)[:, :, None, None]
         out = self.net(z)
         # A displacement of up to 127.5 px in bfloat16 is off by up to half a
@@ -240,8 +242,26 @@ class TCAE(nn.Module):
         """
         return WARP_BACKENDS[self.config.backend](images.detach(), disp, self.config.padding)
 
+    def warp_l1(self, images: torch.Tensor, disp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample mean |T(images, disp) − target| → [B] (float32, or float64 for float64).
+
+        The "triton" backend fuses the warp with the loss (tcae_kernels.warp_l1):
+        the warped image is never written. The images are detached as in :meth:`warp`.
+        """
+        if self.config.backend == "triton":
+            return tcae_kernels.warp_l1(images.detach(), disp, target, padding=self.config.padding)
+        warped = self.warp(images, disp)
+        wide = torch.float64 if warped.dtype == torch.float64 else torch.float32
+        return (warped.to(wide) - target.to(wide)).abs().flatten(1).mean(1)
+
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> TCAEOutput:
-        """source, target: [B, C, S, S] frames of one face track → :class:`TCAEOutput`."""
+        """source, target: [B, C, S, S] frames of one face track → :class:`TCAEOutput`.
+
+        With the "triton" backend the reconstruction comes from the fused
+        merge-and-warp kernel (tcae_kernels.merged_warp), which never forms δ;
+        ``disp`` and ``attention`` are then computed for inspection only and
+        carry no gradient (no TCAE loss uses them).
+        """
         self._check_images("source", source)
         self._check_images("target", target)
         b = source.shape[0]
@@ -250,13 +270,21 @@ class TCAE(nn.Module):
         source_pose, target_pose = pose[:b], pose[b:]
         disp_au, logit_au = self.decode("au", source_au, target_au)
         disp_pose, logit_pose = self.decode("pose", source_pose, target_pose)
-        # softmax == e^a_i / Σ e^a_j, the paper's merge, without overflow.
-        attention = F.softmax(torch.cat([logit_au, logit_pose], dim=1), dim=1)
-        disp = attention[:, :1] * disp_au + attention[:, 1:] * disp_pose
+        fused = self.config.backend == "triton"
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not fused):
+            # softmax == e^a_i / Σ e^a_j, the paper's merge, without overflow.
+            attention = F.softmax(torch.cat([logit_au, logit_pose], dim=1), dim=1)
+            disp = attention[:, :1] * disp_au + attention[:, 1:] * disp_pose
+        if fused:
+            reconstruction = tcae_kernels.merged_warp(
+                source.detach(), disp_au, disp_pose, logit_au, logit_pose, self.config.padding
+            )
+        else:
+            reconstruction = self.warp(source, disp)
         return TCAEOutput(
             au_changed=self.warp(source, disp_au),
             pose_changed=self.warp(source, disp_pose),
-            reconstruction=self.warp(source, disp),
+            reconstruction=reconstruction,
             disp_au=disp_au,
             disp_pose=disp_pose,
             disp=disp,

@@ -205,7 +205,7 @@ def _smooth_series(rng: np.random.Generator, n: int, channels: int, period: tupl
     t = np.arange(n, dtype=np.float64)
     for c in range(channels):
         step = rng.uniform(*period)
-        knots = rng.normal(size=int(n / step) + 2)
+        knots = rng.normal(size=int((n - 1) / step) + 3)
         pos = t / step + rng.uniform()
         k = np.floor(pos).astype(int)
         w = 0.5 - 0.5 * np.cos(math.pi * (pos - k))
@@ -250,7 +250,9 @@ def _ellipse(x: np.ndarray, y: np.ndarray, rx: float | np.ndarray, ry: float | n
     return k0 * (k0 - 1.0) / np.maximum(k1, 1e-9)
 
 
-def _segment(x: np.ndarray, y: np.ndarray, a: tuple[float, float], b: tuple[float, float], half_width: float) -> np.ndarray:
+def _segment(
+    x: np.ndarray, y: np.ndarray, a: tuple[float, float], b: tuple[float, float], half_width: float
+) -> np.ndarray:
     bax, bay = b[0] - a[0], b[1] - a[1]
     pax, pay = x - a[0], y - a[1]
     h = np.clip((pax * bax + pay * bay) / (bax * bax + bay * bay), 0.0, 1.0)
@@ -324,7 +326,7 @@ def render_frame(
     skin = np.array(p.skin, dtype=np.float32)
     # The background stays put while the head moves: a vertical gradient.
     bg = np.array(p.background, dtype=np.float32) * (1.12 - 0.24 * (gy[..., None] + 1.0) / 2.0)
-    cv = _Canvas(bg.astype(np.float32), pixel=2.0 / (size * zoom))
+    cv = _Canvas(bg, pixel=2.0 / (size * zoom))
 
     yaw = pose.yaw
     eyes_dx = 0.10 * yaw  # inner features shift with yaw, the nose and mouth most
@@ -337,7 +339,8 @@ def render_frame(
     back_hair = _ellipse(x, y + 0.08, p.face_rx * p.hair_volume + 0.02, p.face_ry * p.hair_volume)
     if p.long_hair:
         long_half = p.face_rx * p.hair_volume + 0.02
-        back_hair = np.minimum(back_hair, _band(x, y, np.zeros_like(y), np.full_like(y, p.face_ry * 1.15), long_half))
+        down_to_shoulders = _band(x, y, np.zeros_like(y), np.full_like(y, p.face_ry * 1.15), long_half)
+        back_hair = np.minimum(back_hair, down_to_shoulders)
     cv.fill(back_hair, hair)
     cv.fill(_ellipse(x, y - (p.face_ry + 0.62), 0.95, 0.48), p.shirt)
     cv.fill(_band(x, y, np.full_like(y, 0.2), np.full_like(y, p.face_ry + 0.25), 0.42 * p.face_rx), skin * 0.82)
@@ -357,7 +360,8 @@ def render_frame(
     lift = max(a["AU1"], a["AU2"])
     for k in (1, 2):
         ly = brow_y - 0.045 * k - 0.06 * lift
-        line = _band(x - eyes_dx, y, ly - 0.006 + 0.05 * (x - eyes_dx) ** 2, ly + 0.006 + 0.05 * (x - eyes_dx) ** 2, 0.16)
+        curve = ly + 0.05 * (x - eyes_dx) ** 2
+        line = _band(x - eyes_dx, y, curve - 0.006, curve + 0.006, 0.16)
         cv.fill(line, skin * 0.7, alpha=np.clip((lift - 0.3) / 0.5, 0.0, 1.0))
 
     # Fringe: the face region above a hairline that dips at the temples.
@@ -397,10 +401,12 @@ def render_frame(
         cv.fill(brow, hair * 0.7)
     for side in (-1.0, 1.0):
         gx0 = eyes_dx + side * 0.022
-        cv.fill(_segment(x, y, (gx0, brow_y - 0.01), (gx0 + side * 0.006, brow_y + 0.07), 0.006), skin * 0.62, alpha=np.clip(a["AU4"] / 0.6, 0.0, 1.0))
+        furrow = _segment(x, y, (gx0, brow_y - 0.01), (gx0 + side * 0.006, brow_y + 0.07), 0.006)
+        cv.fill(furrow, skin * 0.62, alpha=np.clip(a["AU4"] / 0.6, 0.0, 1.0))
 
     # Nose: a shadow along the bridge, a tip and two nostrils.
-    cv.fill(_segment(x, y, (nose_dx * 0.6 + 0.025, p.eye_y + 0.03), (nose_dx + 0.03, p.nose_y - 0.03), 0.008), skin * 0.8)
+    bridge = _segment(x, y, (nose_dx * 0.6 + 0.025, p.eye_y + 0.03), (nose_dx + 0.03, p.nose_y - 0.03), 0.008)
+    cv.fill(bridge, skin * 0.8)
     cv.fill(_ellipse(x - nose_dx, y - p.nose_y, 0.065, 0.04), skin * 0.9)
     for side in (-1.0, 1.0):
         cv.fill(_ellipse(x - nose_dx - side * 0.032, y - p.nose_y - 0.018, 0.02, 0.011), skin * 0.45)
@@ -421,7 +427,8 @@ def render_frame(
     for side in (-1.0, 1.0):
         cx = mouth_dx + side * (half_w + 0.035)
         start = (nose_dx + side * 0.085, p.nose_y + 0.005)
-        cv.fill(_segment(x, y, start, (cx, my + corner - 0.01), 0.006), skin * 0.7, alpha=np.clip((a["AU12"] - 0.2) / 0.5, 0.0, 1.0))
+        fold = _segment(x, y, start, (cx, my + corner - 0.01), 0.006)
+        cv.fill(fold, skin * 0.7, alpha=np.clip((a["AU12"] - 0.2) / 0.5, 0.0, 1.0))
 
     cv.fill(_band(mx, y, top, bottom, half_w), (70.0, 22.0, 28.0))
     cv.fill(np.maximum(_band(mx, y, top, bottom, half_w), y - (top + 0.03 * bow)), (238.0, 236.0, 225.0))
@@ -452,8 +459,8 @@ def write_png(path: str | Path, image: np.ndarray) -> None:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    payload = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(filtered.tobytes(), 6)) + chunk(b"IEND", b"")
-    Path(path).write_bytes(payload)
+    idat = zlib.compress(filtered.tobytes(), 6)
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
 def _write_labels(path: Path, au: np.ndarray, pose: np.ndarray) -> None:
@@ -492,7 +499,8 @@ def generate_dataset(root: str | Path, config: SyntheticConfig = SyntheticConfig
             for t in range(config.tracks_per_video):
                 folder = root / f"id{i:04d}" / f"vid{v:02d}" / f"track{t}"
                 folder.mkdir(parents=True, exist_ok=True)
-                au, pose = sample_trajectory(config.frames_per_video, np.random.default_rng([config.seed, 1, i, v, t]))
+                rng = np.random.default_rng([config.seed, 1, i, v, t])
+                au, pose = sample_trajectory(config.frames_per_video, rng)
                 for f in range(config.frames_per_video):
                     write_png(folder / f"{f:06d}.png", render_frame(identity, au[f], pose[f], config.size))
                 _write_labels(folder / "labels.csv", au, pose)

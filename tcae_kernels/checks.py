@@ -39,19 +39,32 @@ def check_disp_dtype(src: torch.Tensor, disp: torch.Tensor, disp_name: str = "di
     )
 
 
-def check_warp_args(src: object, disp: object, padding: object) -> str:
+def check_warp_args(src: object, disp: object, padding: object, disp_name: str = "disp") -> str:
     check_tensor("src", src)
-    check_tensor("disp", disp)
+    check_tensor(disp_name, disp)
     assert isinstance(src, torch.Tensor) and isinstance(disp, torch.Tensor)
     if disp.shape[1] != 2:
         raise ValueError(
-            f"disp must have 2 channels (dx, dy) in dim 1, got shape {tuple(disp.shape)}"
+            f"{disp_name} must have 2 channels (dx, dy) in dim 1, got shape {tuple(disp.shape)}"
         )
     if disp.shape[0] != src.shape[0]:
         raise ValueError(
-            f"disp batch size must equal src's ({src.shape[0]}), got {disp.shape[0]}"
+            f"{disp_name} batch size must equal src's ({src.shape[0]}), got {disp.shape[0]}"
         )
     if disp.device != src.device:
-        raise ValueError(f"disp must be on {src.device} (src's device), got {disp.device}")
-    check_disp_dtype(src, disp)
+        raise ValueError(f"{disp_name} must be on {src.device} (src's device), got {disp.device}")
+    check_disp_dtype(src, disp, disp_name)
     return check_padding(padding)
+
+
+def check_field(name: str, t: object, src: torch.Tensor, like: torch.Tensor, channels: int) -> None:
+    """A per-pixel field beside the displacement ``like``: [B, channels, H, W], its device and dtype."""
+    check_tensor(name, t)
+    assert isinstance(t, torch.Tensor)
+    expected = (like.shape[0], channels, like.shape[2], like.shape[3])
+    if tuple(t.shape) != expected:
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(t.shape)}")
+    if t.device != src.device:
+        raise ValueError(f"{name} must be on {src.device} (src's device), got {t.device}")
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name} dtype must be {like.dtype} (disp_a's dtype), got {t.dtype}")

@@ -1,0 +1,30 @@
+"""Thin ``nn.Module`` wrappers of the warp ops, for models built from modules."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .checks import check_padding
+from .warp import warp
+
+
+class DisplacementWarp(nn.Module):
+    """``warp(src, disp, padding)`` as a module (no parameters).
+
+    src: [B, C, H_in, W_in]; disp: [B, 2, H, W] in pixels (δx, δy); returns
+    [B, C, H, W], src sampled at (x − δx, y − δy). For backward warping with an
+    optical flow f (frame 2 → frame 1 at each pixel of frame 1), pass
+    disp = −f: out(x) = frame2(x + f(x)).
+    """
+
+    def __init__(self, padding: str = "zeros", deterministic: bool | None = None) -> None:
+        super().__init__()
+        self.padding = check_padding(padding)
+        self.deterministic = deterministic
+
+    def forward(self, src: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
+        return warp(src, disp, self.padding, self.deterministic)
+
+    def extra_repr(self) -> str:
+        return f"padding={self.padding!r}"

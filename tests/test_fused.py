@@ -1,0 +1,259 @@
+"""merged_warp, warp_l1, deterministic mode, torch.compile/export and the module wrapper."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from tcae_kernels import merge_displacements, merged_warp, warp, warp_l1, warp_naive
+from tcae_kernels.nn import DisplacementWarp
+
+from test_warp import DEVICES, TOL, rel_err
+
+warp_module = importlib.import_module("tcae_kernels.warp")
+PADDINGS = ["zeros", "border"]
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def field_dtype(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def grads_of(fn, inputs, grad):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad)
+    return out.detach(), [t.grad for t in leaves]
+
+
+def assert_matches(fn, ref_fn, inputs, dtype, gen):
+    probe = fn(*inputs)
+    grad = torch.randn(probe.shape, generator=gen, dtype=torch.float64).to(probe.dtype).to(probe.device)
+    out, grads = grads_of(fn, inputs, grad)
+    ref, ref_grads = grads_of(ref_fn, [t.double() for t in inputs], grad.double())
+    tol_fwd, tol_grad = TOL[dtype]
+    assert rel_err(out, ref) <= tol_fwd
+    for g, r, t in zip(grads, ref_grads, inputs):
+        assert g.dtype == t.dtype and g.shape == t.shape
+        assert rel_err(g, r) <= tol_grad
+
+
+def merged_inputs(dtype, device, gen, b=2, c=5, size_in=(9, 10), size=(7, 8), scale=3.0):
+    fd = field_dtype(dtype)
+    src = torch.randn(b, c, *size_in, generator=gen, dtype=torch.float64).to(dtype).to(device)
+    da, db = (torch.randn(b, 2, *size, generator=gen, dtype=torch.float64) * scale for _ in range(2))
+    la, lb = (torch.randn(b, 1, *size, generator=gen, dtype=torch.float64) * 2 for _ in range(2))
+    return [src] + [t.to(fd).to(device) for t in (da, db, la, lb)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [0.5, 3.0, 30.0])
+def test_merged_warp_matches_composition(device, padding, dtype, scale):
+    gen = torch.Generator().manual_seed(101)
+    inputs = merged_inputs(dtype, device, gen, scale=scale)
+    assert_matches(
+        lambda *a: merged_warp(*a, padding=padding),
+        lambda s, *f: warp_naive(s, merge_displacements(*f), padding),
+        inputs, dtype, gen,
+    )
+
+
+def test_merge_is_the_attention_formula():
+    gen = torch.Generator().manual_seed(1)
+    _, da, db, la, lb = merged_inputs(torch.float64, "cpu", gen)
+    expected = (la.exp() * da + lb.exp() * db) / (la.exp() + lb.exp())
+    assert torch.allclose(merge_displacements(da, db, la, lb), expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_merged_warp_gradcheck(padding):
+    gen = torch.Generator().manual_seed(3)
+    src, da, db, la, lb = merged_inputs(torch.float64, "cpu", gen, b=1, c=2, size_in=(4, 5), size=(3, 3), scale=0.7)
+    inputs = [t.requires_grad_() for t in (src, da, db, la, lb)]
+    assert torch.autograd.gradcheck(lambda *a: merged_warp(*a, padding=padding), inputs, eps=1e-6, atol=1e-7)
+
+
+def test_merged_warp_non_finite_logit_poisons_pixel():
+    gen = torch.Generator().manual_seed(4)
+    src, da, db, la, lb = merged_inputs(torch.float32, "cpu", gen)
+    la[1, 0, 2, 3] = float("nan")
+    out = merged_warp(src, da, db, la, lb)
+    assert torch.isnan(out[1, :, 2, 3]).all()
+    assert torch.isfinite(out).sum() == out.numel() - out.shape[1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_warp_l1_matches_warp_plus_l1(device, padding, dtype):
+    gen = torch.Generator().manual_seed(202)
+    src = torch.randn(3, 4, 9, 10, generator=gen, dtype=torch.float64).to(dtype).to(device)
+    disp = (torch.randn(3, 2, 7, 8, generator=gen, dtype=torch.float64) * 3).to(field_dtype(dtype)).to(device)
+    target = torch.randn(3, 4, 7, 8, generator=gen, dtype=torch.float64).to(dtype).to(device)
+
+    def reference(s, d, t):
+        return (warp_naive(s, d, padding) - t).abs().flatten(1).mean(dim=1)
+
+    assert_matches(lambda s, d, t: warp_l1(s, d, t, padding=padding), reference, [src, disp, target], dtype, gen)
+
+
+def test_warp_l1_mean_reduction_and_strided_target():
+    gen = torch.Generator().manual_seed(5)
+    src = torch.randn(2, 3, 6, 6, generator=gen)
+    disp = torch.randn(2, 2, 6, 6, generator=gen)
+    target = torch.randn(2, 6, 6, 3, generator=gen).permute(0, 3, 1, 2).requires_grad_()
+    loss = warp_l1(src, disp, target, reduction="mean")
+    expected = (warp(src, disp) - target).abs().mean()
+    assert torch.allclose(loss, expected, rtol=1e-6)
+    loss.backward()
+    ref_target = target.detach().clone().requires_grad_()
+    (warp(src, disp) - ref_target).abs().mean().backward()
+    assert torch.allclose(target.grad, ref_target.grad, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,name",
+    [
+        (dict(target=torch.zeros(2, 3, 5, 5)), ValueError, "target"),
+        (dict(target=torch.zeros(2, 3, 4, 4, dtype=torch.float64)), TypeError, "target"),
+        (dict(reduction="sum"), ValueError, "reduction"),
+        (dict(padding="reflect"), ValueError, "padding"),
+    ],
+)
+def test_warp_l1_bad_input(kwargs, error, name):
+    args = dict(src=torch.zeros(2, 3, 4, 4), disp=torch.zeros(2, 2, 4, 4), target=torch.zeros(2, 3, 4, 4))
+    args.update(kwargs)
+    with pytest.raises(error, match=name):
+        warp_l1(**args)
+
+
+@pytest.mark.parametrize(
+    "which,value,error",
+    [
+        ("disp_b", torch.zeros(2, 2, 4, 5), ValueError),
+        ("logit_a", torch.zeros(2, 2, 4, 4), ValueError),
+        ("logit_b", torch.zeros(2, 1, 4, 4, dtype=torch.float64), TypeError),
+        ("disp_a", torch.zeros(2, 3, 4, 4), ValueError),
+    ],
+)
+def test_merged_warp_bad_input(which, value, error):
+    args = dict(
+        src=torch.zeros(2, 3, 4, 4), disp_a=torch.zeros(2, 2, 4, 4), disp_b=torch.zeros(2, 2, 4, 4),
+        logit_a=torch.zeros(2, 1, 4, 4), logit_b=torch.zeros(2, 1, 4, 4),
+    )
+    args[which] = value
+    with pytest.raises(error, match=which):
+        merged_warp(**args)
+
+
+def collision_case(gen, dtype=torch.float32):
+    """Many output pixels landing on few source pixels: the scatter's worst case."""
+    src = torch.randn(2, 3, 4, 5, generator=gen, dtype=dtype)
+    disp = (torch.randn(2, 2, 16, 16, generator=gen, dtype=torch.float64) * 6).to(dtype)
+    grad = torch.randn(2, 3, 16, 16, generator=gen, dtype=dtype)
+    return src, disp, grad
+
+
+def src_grad(src, disp, grad, **kw):
+    s = src.clone().requires_grad_()
+    warp(s, disp, "border", **kw).backward(grad)
+    return s.grad
+
+
+def test_deterministic_is_accurate_and_order_independent(monkeypatch):
+    """Fixed-point sums give the same bits whatever order the programs add in."""
+    gen = torch.Generator().manual_seed(9)
+    src, disp, grad = collision_case(gen)
+    exact = src_grad(src.double(), disp.double(), grad.double())
+    runs = []
+    for block in (32, 64, 1024):
+        monkeypatch.setattr(warp_module, "launch_config", lambda c, block=block: (block, 4, 4))
+        runs.append(src_grad(src, disp, grad, deterministic=True))
+    for r in runs:
+        assert torch.equal(r, runs[0])
+    assert rel_err(runs[0], exact) <= 1e-6
+    # The global switch selects the same path.
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.equal(src_grad(src, disp, grad), runs[-1])
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("op", ["warp", "merged_warp", "warp_l1"])
+def test_deterministic_repeats_bitwise(op):
+    gen = torch.Generator().manual_seed(10)
+    src, disp, grad = collision_case(gen)
+
+    def once():
+        s = src.clone().requires_grad_()
+        if op == "warp":
+            warp(s, disp, deterministic=True).backward(grad)
+        elif op == "merged_warp":
+            logits = torch.zeros(2, 1, 16, 16)
+            merged_warp(s, disp, -disp, logits, logits + 1, deterministic=True).backward(grad)
+        else:
+            warp_l1(s, disp, grad, deterministic=True).sum().backward()
+        return s.grad
+
+    first = once()
+    assert first.abs().sum() > 0
+    assert torch.equal(once(), first)
+
+
+def test_deterministic_non_finite_grad_gives_nan():
+    gen = torch.Generator().manual_seed(12)
+    src, disp, grad = collision_case(gen)
+    grad[0, 0, 0, 0] = float("inf")
+    assert torch.isnan(src_grad(src, disp, grad, deterministic=True)).all()
+
+
+class _Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.warp = DisplacementWarp("border")
+
+    def forward(self, x, target):
+        f = self.head(x)
+        warped = self.warp(x, f[:, :2])
+        merged = merged_warp(x, f[:, :2], f[:, 2:4], f[:, 4:5], f[:, 5:6], padding="border")
+        return warped.square().mean() + merged.abs().mean() + warp_l1(x, f[:, 2:4], target, "mean", "border")
+
+
+def test_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    model = _Model()
+    x, target = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    eager = model(x, target)
+    eager.backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)(x, target)
+    compiled.backward()
+    assert torch.allclose(compiled, eager, rtol=1e-5)
+    for p, g in zip(model.parameters(), eager_grads):
+        assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_export():
+    torch.manual_seed(0)
+    model = _Model()
+    x, target = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    exported = torch.export.export(model, (x, target))
+    ops = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert {"tcae_kernels.warp.default", "tcae_kernels.merged_warp.default", "tcae_kernels.warp_l1.default"} <= ops
+    assert torch.allclose(exported.module()(x, target), model(x, target), rtol=1e-6)
+
+
+def test_module_wrapper():
+    m = DisplacementWarp("border")
+    src, disp = torch.randn(1, 2, 5, 5), torch.randn(1, 2, 5, 5)
+    assert torch.equal(m(src, disp), warp(src, disp, "border"))
+    assert "border" in repr(m)
+    with pytest.raises(ValueError, match="padding"):
+        DisplacementWarp("mirror")

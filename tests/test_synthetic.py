@@ -1,0 +1,165 @@
+"""The procedural face-video generator: determinism, ground truth, files."""
+
+import csv
+import time
+
+import numpy as np
+import pytest
+
+from tcae.data import load_image
+from tcae.synthetic import (
+    AU_NAMES,
+    OCCURRENCE_THRESHOLD,
+    POSE_NAMES,
+    Pose,
+    SyntheticConfig,
+    _FACE_ZOOM,
+    generate_dataset,
+    render_frame,
+    sample_identity,
+    sample_trajectory,
+    write_png,
+)
+
+
+def _row(y_face: float, size: int) -> float:
+    """Image row of a face-coordinate height at the neutral pose."""
+    return (1.0 + _FACE_ZOOM * y_face) * size / 2.0 - 0.5
+
+
+def test_render_is_deterministic_with_requested_shape():
+    ident = sample_identity(3)
+    au = {"AU12": 0.7, "AU26": 0.4}
+    pose = Pose(roll=5.0, tx=0.02, ty=-0.01, scale=1.05, yaw=0.3)
+    a = render_frame(ident, au, pose, size=64)
+    assert a.shape == (64, 64, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, render_frame(ident, au, pose, size=64))
+    assert render_frame(ident, au, pose, size=128).shape == (128, 128, 3)
+    # Sequences in AU_NAMES / POSE_NAMES order are the same as the mappings.
+    vec = [au.get(n, 0.0) for n in AU_NAMES]
+    np.testing.assert_array_equal(a, render_frame(ident, vec, pose.as_array(), size=64))
+
+
+def test_identities_differ_and_repeat_from_seed():
+    assert sample_identity(1) == sample_identity(1)
+    assert sample_identity(1) != sample_identity(2)
+    assert np.abs(render_frame(sample_identity(1)).astype(int) - render_frame(sample_identity(2))).mean() > 10
+
+
+def test_bad_au_input_is_rejected():
+    ident = sample_identity(0)
+    with pytest.raises(ValueError, match="unknown AUs"):
+        render_frame(ident, {"AU99": 1.0})
+    with pytest.raises(ValueError, match="expected 7"):
+        render_frame(ident, [0.5, 0.5])
+
+
+@pytest.mark.parametrize("au", AU_NAMES)
+def test_each_au_changes_pixels_where_its_feature_is(au):
+    size = 128
+    for seed in range(3):
+        ident = sample_identity(seed)
+        neutral = render_frame(ident, None, None, size).astype(int)
+        active = render_frame(ident, {au: 1.0}, None, size).astype(int)
+        changed = np.abs(active - neutral).max(axis=2) > 25
+        assert changed.sum() >= 15, f"{au} barely visible for identity {seed}"
+        rows = np.nonzero(changed)[0]
+        eye, nose = _row(ident.eye_y, size), _row(ident.nose_y, size)
+        if au in ("AU1", "AU2", "AU4"):  # brows sit above the eyes
+            assert np.median(rows) < eye
+        elif au == "AU43":
+            assert abs(np.median(rows) - eye) < size * 0.05
+        else:  # mouth AUs act below the nose
+            assert np.median(rows) > nose
+        # Inner-feature AUs leave the image borders (background, hair edge) alone.
+        assert not changed[:, : size // 8].any() and not changed[:, -size // 8 :].any()
+
+
+def test_stronger_intensity_changes_more():
+    ident = sample_identity(4)
+    neutral = render_frame(ident, None, None, 96).astype(int)
+    diffs = [np.abs(render_frame(ident, {"AU26": v}, None, 96) - neutral).sum() for v in (0.25, 0.5, 1.0)]
+    assert diffs[0] < diffs[1] < diffs[2]
+
+
+def test_translation_moves_the_head():
+    ident = sample_identity(5)
+    size = 64
+    base = render_frame(ident, None, Pose(), size).astype(int)
+    moved = render_frame(ident, None, Pose(tx=0.125), size).astype(int)  # 0.125 of 64 px = 8 px right
+    inner = slice(16, 48)
+    shifted_err = np.abs(moved[:, 8:][:, inner] - base[:, :-8][:, inner]).mean()
+    assert shifted_err < 0.1 * np.abs(moved - base)[:, inner].mean()
+
+
+@pytest.mark.parametrize("pose", [Pose(roll=10.0), Pose(scale=1.1), Pose(yaw=0.6), Pose(ty=0.05)])
+def test_each_pose_parameter_changes_the_image(pose):
+    ident = sample_identity(6)
+    assert np.abs(render_frame(ident, None, pose).astype(int) - render_frame(ident)).mean() > 1.0
+
+
+def test_trajectory_is_smooth_bounded_reproducible():
+    au, pose = sample_trajectory(400, 7)
+    assert au.shape == (400, len(AU_NAMES)) and pose.shape == (400, len(POSE_NAMES))
+    assert au.min() >= 0.0 and au.max() <= 1.0
+    assert np.abs(np.diff(au, axis=0)).max() < 0.35
+    occurs = au > OCCURRENCE_THRESHOLD
+    assert (occurs.mean(axis=0) > 0.05).all() and (occurs.mean(axis=0) < 0.8).all()
+    roll, tx, ty, scale, yaw = pose.T
+    assert np.abs(roll).max() < 45 and np.abs(tx).max() < 0.25 and np.abs(ty).max() < 0.25
+    assert 0.7 < scale.min() and scale.max() < 1.3 and np.abs(yaw).max() <= 1.0
+    assert np.abs(np.diff(roll)).max() < 5.0
+    au2, pose2 = sample_trajectory(400, 7)
+    np.testing.assert_array_equal(au, au2)
+    np.testing.assert_array_equal(pose, pose2)
+    assert not np.array_equal(au, sample_trajectory(400, 8)[0])
+
+
+def test_png_round_trip(tmp_path):
+    img = (np.random.default_rng(0).random((20, 30, 3)) * 255).astype(np.uint8)
+    write_png(tmp_path / "x.png", img)
+    back = load_image(tmp_path / "x.png", size=20)  # centre-crops 30 -> 20 columns, no resampling
+    decoded = ((back.numpy() + 1.0) * 127.5).round().astype(np.uint8).transpose(1, 2, 0)
+    np.testing.assert_array_equal(decoded, img[:, 5:25])
+
+
+def test_generate_dataset_layout_labels_and_determinism(tmp_path):
+    config = SyntheticConfig(
+        identities=2, videos_per_identity=2, frames_per_video=6, size=32, seed=11, tracks_per_video=2
+    )
+    summary = generate_dataset(tmp_path / "a", config)
+    assert summary["tracks"] == 8 and summary["frames"] == 48 and summary["au_names"] == list(AU_NAMES)
+    tracks = sorted((tmp_path / "a").glob("*/*/*"))
+    names = [t.relative_to(tmp_path / "a").as_posix() for t in tracks[:2]]
+    assert names == ["id0000/vid00/track0", "id0000/vid00/track1"]
+    assert len(tracks) == 8
+    for track in tracks:
+        assert sorted(p.name for p in track.glob("*.png")) == [f"{f:06d}.png" for f in range(6)]
+        with (track / "labels.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        assert list(rows[0]) == ["frame", *AU_NAMES, *(f"{n}_occ" for n in AU_NAMES), *POSE_NAMES]
+        assert [int(r["frame"]) for r in rows] == list(range(6))
+        for r in rows:
+            for n in AU_NAMES:
+                assert 0.0 <= float(r[n]) <= 1.0
+                assert int(r[f"{n}_occ"]) == int(float(r[n]) > OCCURRENCE_THRESHOLD)
+            assert 0.5 < float(r["scale"]) < 1.5 and -1.0 <= float(r["yaw"]) <= 1.0
+    assert load_image(tracks[0] / "000000.png", 32).shape == (3, 32, 32)
+    generate_dataset(tmp_path / "b", config)
+    for path in (tmp_path / "a").rglob("*.*"):
+        assert path.read_bytes() == (tmp_path / "b" / path.relative_to(tmp_path / "a")).read_bytes()
+
+
+def test_generate_dataset_is_fast(tmp_path):
+    start = time.perf_counter()
+    config = SyntheticConfig(identities=4, videos_per_identity=2, frames_per_video=24, size=64)
+    summary = generate_dataset(tmp_path, config)
+    assert summary["frames"] == 192
+    assert time.perf_counter() - start < 15.0  # about 1 s on 2 cores; generous for loaded CI machines
+
+
+def test_generate_dataset_rejects_bad_config(tmp_path):
+    with pytest.raises(ValueError, match="at least 1"):
+        generate_dataset(tmp_path, SyntheticConfig(identities=0))
+    with pytest.raises(ValueError, match="at least 16"):
+        generate_dataset(tmp_path, SyntheticConfig(size=8))
