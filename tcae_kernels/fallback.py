@@ -61,10 +61,14 @@ def _neighbours(x0, y0, ax, ay, h_in: int, w_in: int):
             yield torch.where(valid, yi * w_in + xi, torch.zeros_like(xi)), wx * wy, valid
 
 
-def _gather(flat: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def _gather(flat: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """flat src [B, C, H_in·W_in] at idx [B, H, W] → [B, C, H·W] in acc, 0 where not valid.
+
+    Only the gathered values are converted: src itself may be far larger than the output.
+    """
     b, c, _ = flat.shape
     n = idx.shape[1] * idx.shape[2]
-    vals = flat.gather(2, idx.reshape(b, 1, n).expand(b, c, n))
+    vals = flat.gather(2, idx.reshape(b, 1, n).expand(b, c, n)).to(acc)
     return vals * valid.reshape(b, 1, n)
 
 
@@ -77,10 +81,10 @@ def warp_forward(src: torch.Tensor, disp: torch.Tensor, padding: str) -> torch.T
         finite = torch.isfinite(disp).all(dim=1)
     else:
         x0, y0, ax, ay, _, _, finite = sample_setup(disp, h_in, w_in, padding, acc)
-        flat = src.reshape(b, c, h_in * w_in).to(acc)
+        flat = src.reshape(b, c, h_in * w_in)
         out = torch.zeros(b, c, h * w, dtype=acc, device=src.device)
         for idx, wgt, valid in _neighbours(x0, y0, ax, ay, h_in, w_in):
-            out += _gather(flat, idx, valid) * wgt.reshape(b, 1, h * w)
+            out += _gather(flat, idx, valid, acc) * wgt.reshape(b, 1, h * w)
         out = out.view(b, c, h, w)
     out = out.masked_fill(~finite.unsqueeze(1), float("nan"))
     return out.to(src.dtype)
@@ -117,8 +121,10 @@ def warp_backward(
             flat.scatter_add_(2, idx.reshape(b, 1, n).expand(b, c, n), contrib)
         grad_src = flat.view(b, c, h_in, w_in).to(src.dtype)
     if need_disp:
-        s = src.reshape(b, c, h_in * w_in).to(acc)
-        v00, v01, v10, v11 = (_gather(s, idx, valid) for idx, _, valid in _neighbours(x0, y0, ax, ay, h_in, w_in))
+        s = src.reshape(b, c, h_in * w_in)
+        v00, v01, v10, v11 = (
+            _gather(s, idx, valid, acc) for idx, _, valid in _neighbours(x0, y0, ax, ay, h_in, w_in)
+        )
         ax_, ay_ = ax.reshape(b, 1, n), ay.reshape(b, 1, n)
         d_dx = ((1 - ay_) * (v01 - v00) + ay_ * (v11 - v10)) * g
         d_dy = ((1 - ax_) * (v10 - v00) + ax_ * (v11 - v01)) * g

@@ -14,25 +14,38 @@ import torch.nn.functional as F
 from .checks import check_warp_args
 
 
-def _sample_positions(disp: torch.Tensor, h_in: int, w_in: int, padding: str):
-    """x̂ = x − δx and ŷ = y − δy in pixels, clamped for ``border``.
-
-    Non-finite positions are replaced by 0 (and reported) so that no index is
-    ever formed from NaN or ±Inf.
-    """
-    _, _, h, w = disp.shape
-    ys = torch.arange(h, device=disp.device, dtype=disp.dtype).view(1, h, 1)
-    xs = torch.arange(w, device=disp.device, dtype=disp.dtype).view(1, 1, w)
-    px = xs - disp[:, 0]
-    py = ys - disp[:, 1]
-    finite = torch.isfinite(px) & torch.isfinite(py)
-    px = torch.where(finite, px, torch.zeros_like(px))
-    py = torch.where(finite, py, torch.zeros_like(py))
+def _axis(coord: torch.Tensor, d: torch.Tensor, size: int, padding: str):
+    """Along one axis, for the position t = coord − d (pixels): left neighbour ⌊t⌋ and t − ⌊t⌋."""
+    t = coord - d
+    exact = torch.ones_like(t, dtype=torch.bool)
     if padding == "border":
         # As grid_sample: a position on or beyond the border carries no gradient.
-        px = torch.where((px > 0) & (px < w_in - 1), px, px.detach().clamp(0, max(w_in - 1, 0)))
-        py = torch.where((py > 0) & (py < h_in - 1), py, py.detach().clamp(0, max(h_in - 1, 0)))
-    return px, py, finite
+        exact = (t > 0) & (t < size - 1)
+        t = torch.where(exact, t, t.detach().clamp(0, max(size - 1, 0)))
+    else:
+        # Two pixels out every neighbour is outside; the clamp keeps indices small.
+        t = t.clamp(-2, size + 1)
+    i0 = torch.floor(t)
+    # For |δ| below 2⁻⁵³·coord, coord − d rounds; if onto an integer from above
+    # that integer is not the floor. coord − t is exact, so this compare is.
+    i0 = torch.where(exact & (t == i0) & (coord - t < d), i0 - 1, i0)
+    return i0.long(), t - i0
+
+
+def _sample_positions(disp: torch.Tensor, h_in: int, w_in: int, padding: str):
+    """Upper-left neighbours (x0, y0) and weights (ax, ay) of the right and lower ones.
+
+    Non-finite δ is replaced by 0 (and reported) so that no index is ever
+    formed from NaN or ±Inf.
+    """
+    _, _, h, w = disp.shape
+    finite = torch.isfinite(disp).all(dim=1)
+    disp = torch.where(finite.unsqueeze(1), disp, torch.zeros_like(disp))
+    ys = torch.arange(h, device=disp.device, dtype=disp.dtype).view(1, h, 1)
+    xs = torch.arange(w, device=disp.device, dtype=disp.dtype).view(1, 1, w)
+    x0, ax = _axis(xs, disp[:, 0], w_in, padding)
+    y0, ay = _axis(ys, disp[:, 1], h_in, padding)
+    return x0, y0, ax, ay, finite
 
 
 def warp_naive(src: torch.Tensor, disp: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
@@ -47,15 +60,11 @@ def warp_naive(src: torch.Tensor, disp: torch.Tensor, padding: str = "zeros") ->
     b, c, h_in, w_in = src.shape
     _, _, h, w = disp.shape
     disp = disp.to(src.dtype)
-    px, py, finite = _sample_positions(disp, h_in, w_in, padding)
-    x0 = torch.floor(px)
-    y0 = torch.floor(py)
-    ax = px - x0
-    ay = py - y0
-    x0 = x0.long()
-    y0 = y0.long()
+    x0, y0, ax, ay, finite = _sample_positions(disp, h_in, w_in, padding)
     flat = src.reshape(b, c, h_in * w_in)
     out = src.new_zeros(b, c, h, w)
+    if flat.shape[2] == 0:  # a source without pixels: every neighbour is outside
+        return torch.where(finite.unsqueeze(1), out, torch.full_like(out, float("nan")))
     for dy, wy in ((0, 1 - ay), (1, ay)):
         for dx, wx in ((0, 1 - ax), (1, ax)):
             xi, yi = x0 + dx, y0 + dy

@@ -132,7 +132,7 @@ if triton is not None:
         return c, (c < C)[None, :]
 
     @triton.jit
-    def load_neighbours(ptr, s_h, s_w, m00, m01, m10, m11, cm, dtype):
+    def load_neighbours(ptr, s_h, s_w, m00, m01, m10, m11, cm, dtype: tl.constexpr):
         """src at the four neighbours for one channel block ([P, C] each, 0 outside)."""
         v00 = tl.load(ptr, mask=m00[:, None] & cm, other=0.0).to(dtype)
         v01 = tl.load(ptr + s_w, mask=m01[:, None] & cm, other=0.0).to(dtype)

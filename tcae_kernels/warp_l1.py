@@ -49,7 +49,10 @@ if triton is not None:
         if IDX64:
             b = b.to(tl.int64)
         dx, dy = load_pair(disp_ptr, b * sd_b + y * sd_h + x * sd_w, sd_c, pmask, F64)
-        return (b, y, x, pmask) + position(b, y, x, dx, dy, H_in, W_in, pmask, BORDER, IDX64)
+        finite, x0, y0, ax, ay, gate_x, gate_y, m00, m01, m10, m11 = position(
+            b, y, x, dx, dy, H_in, W_in, pmask, BORDER, IDX64
+        )
+        return b, y, x, pmask, finite, x0, y0, ax, ay, gate_x, gate_y, m00, m01, m10, m11
 
     @triton.jit
     def _warp_l1_fwd_kernel(

@@ -296,6 +296,8 @@ def test_gradients_only_where_required(device, impl):
 def test_empty_sizes(device, impl, padding, src_shape, disp_shape):
     src = torch.randn(src_shape, device=device, requires_grad=True)
     disp = torch.randn(disp_shape, device=device, requires_grad=True)
+    assert torch.equal(warp_naive(src.detach(), disp.detach(), padding), torch.zeros(0).new_zeros(
+        src_shape[0], src_shape[1], disp_shape[2], disp_shape[3]).to(device))
     out = IMPLS[impl](src, disp, padding)
     assert out.shape == (src_shape[0], src_shape[1], disp_shape[2], disp_shape[3])
     assert (out == 0).all()  # a source without pixels gives zeros
