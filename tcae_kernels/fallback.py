@@ -25,7 +25,8 @@ def _axis(coord: torch.Tensor, d: torch.Tensor, size: int, border: bool):
     """
     t = coord - d
     lo, hi = (0.0, size - 1.0) if border else (-2.0, size + 1.0)
-    inside = (t >= lo) & (t <= hi)
+    # Bounds are tested on d, exactly: t itself may have rounded onto one.
+    inside = (d >= coord - hi) & (d <= coord - lo)
     tc = t.clamp(lo, hi)
     i0 = torch.floor(tc)
     a = torch.where(inside, (coord - i0) - d, tc - i0)
@@ -33,7 +34,7 @@ def _axis(coord: torch.Tensor, d: torch.Tensor, size: int, border: bool):
     below = a < 0
     i0 = torch.where(below, i0 - 1, i0)
     a = torch.where(below, a + 1, a)
-    gate = (t > 0) & (t < hi) if border else torch.ones_like(inside)
+    gate = (d < coord) & (d > coord - hi) if border else torch.ones_like(inside)
     return i0.long(), a, gate
 
 

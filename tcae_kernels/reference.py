@@ -20,7 +20,8 @@ def _axis(coord: torch.Tensor, d: torch.Tensor, size: int, padding: str):
     exact = torch.ones_like(t, dtype=torch.bool)
     if padding == "border":
         # As grid_sample: a position on or beyond the border carries no gradient.
-        exact = (t > 0) & (t < size - 1)
+        # (0 < t < size − 1, tested on d: t may have rounded onto a bound.)
+        exact = (d < coord) & (d > coord - (size - 1))
         t = torch.where(exact, t, t.detach().clamp(0, max(size - 1, 0)))
     else:
         # Two pixels out every neighbour is outside; the clamp keeps indices small.

@@ -83,7 +83,8 @@ if triton is not None:
         else:
             lo = -2.0
             hi = size + 1.0
-        inside = (t >= lo) & (t <= hi)
+        # Bounds are tested on d, exactly: t itself may have rounded onto one.
+        inside = (d >= coord - hi) & (d <= coord - lo)
         tc = tl.minimum(tl.maximum(t, lo), hi)
         i0 = tl.floor(tc)
         a = tl.where(inside, (coord - i0) - d, tc - i0)
@@ -92,7 +93,7 @@ if triton is not None:
         i0 = tl.where(below, i0 - 1.0, i0)
         a = tl.where(below, a + 1.0, a)
         if BORDER:
-            gate = (t > 0) & (t < hi)
+            gate = (d < coord) & (d > coord - hi)
         else:
             gate = inside | True
         return i0, a, gate
