@@ -65,6 +65,6 @@ def check_field(name: str, t: object, src: torch.Tensor, like: torch.Tensor, cha
     if tuple(t.shape) != expected:
         raise ValueError(f"{name} must have shape {expected}, got {tuple(t.shape)}")
     if t.device != src.device:
-        raise ValueError(f"{name} must be on {src.device} (src's device), got {t.device}")
+        raise ValueError(f"{name} must be on {src.device}, got {t.device}")
     if t.dtype != like.dtype:
         raise TypeError(f"{name} dtype must be {like.dtype} (disp_a's dtype), got {t.dtype}")

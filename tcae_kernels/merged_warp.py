@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_field, check_warp_args
+from .checks import check_field, check_tensor, check_warp_args
 from .warp import (
     channel_block,
     disp_grad,
@@ -243,6 +243,12 @@ def merge_displacements(
     disp_a, disp_b: [B, 2, H, W] pixels; logit_a, logit_b: [B, 1, H, W].
     Returns [B, 2, H, W] pixels. The unfused reference of :func:`merged_warp`.
     """
+    check_tensor("disp_a", disp_a)
+    if disp_a.shape[1] != 2:
+        raise ValueError(f"disp_a must have 2 channels (dx, dy) in dim 1, got shape {tuple(disp_a.shape)}")
+    check_field("disp_b", disp_b, disp_a, disp_a, 2)
+    check_field("logit_a", logit_a, disp_a, disp_a, 1)
+    check_field("logit_b", logit_b, disp_a, disp_a, 1)
     w_a = torch.sigmoid(logit_a - logit_b)
     return w_a * disp_a + (1 - w_a) * disp_b
 

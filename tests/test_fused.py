@@ -115,41 +115,6 @@ def test_warp_l1_mean_reduction_and_strided_target():
     assert torch.allclose(target.grad, ref_target.grad, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize(
-    "kwargs,error,name",
-    [
-        (dict(target=torch.zeros(2, 3, 5, 5)), ValueError, "target"),
-        (dict(target=torch.zeros(2, 3, 4, 4, dtype=torch.float64)), TypeError, "target"),
-        (dict(reduction="sum"), ValueError, "reduction"),
-        (dict(padding="reflect"), ValueError, "padding"),
-    ],
-)
-def test_warp_l1_bad_input(kwargs, error, name):
-    args = dict(src=torch.zeros(2, 3, 4, 4), disp=torch.zeros(2, 2, 4, 4), target=torch.zeros(2, 3, 4, 4))
-    args.update(kwargs)
-    with pytest.raises(error, match=name):
-        warp_l1(**args)
-
-
-@pytest.mark.parametrize(
-    "which,value,error",
-    [
-        ("disp_b", torch.zeros(2, 2, 4, 5), ValueError),
-        ("logit_a", torch.zeros(2, 2, 4, 4), ValueError),
-        ("logit_b", torch.zeros(2, 1, 4, 4, dtype=torch.float64), TypeError),
-        ("disp_a", torch.zeros(2, 3, 4, 4), ValueError),
-    ],
-)
-def test_merged_warp_bad_input(which, value, error):
-    args = dict(
-        src=torch.zeros(2, 3, 4, 4), disp_a=torch.zeros(2, 2, 4, 4), disp_b=torch.zeros(2, 2, 4, 4),
-        logit_a=torch.zeros(2, 1, 4, 4), logit_b=torch.zeros(2, 1, 4, 4),
-    )
-    args[which] = value
-    with pytest.raises(error, match=which):
-        merged_warp(**args)
-
-
 def collision_case(gen, dtype=torch.float32):
     """Many output pixels landing on few source pixels: the scatter's worst case."""
     src = torch.randn(2, 3, 4, 5, generator=gen, dtype=dtype)

@@ -306,42 +306,6 @@ def test_empty_sizes(device, impl, padding, src_shape, disp_shape):
     assert (src.grad == 0).all() and (disp.grad == 0).all()
 
 
-BAD_INPUTS = [
-    ("src", TypeError, lambda: ([[1.0]], torch.zeros(1, 2, 1, 1))),
-    ("src", ValueError, lambda: (torch.zeros(3, 4, 4), torch.zeros(1, 2, 4, 4))),
-    ("src", TypeError, lambda: (torch.zeros(1, 1, 4, 4, dtype=torch.int32), torch.zeros(1, 2, 4, 4))),
-    ("src", TypeError, lambda: (torch.zeros(1, 1, 4, 4, dtype=torch.complex64), torch.zeros(1, 2, 4, 4))),
-    ("disp", ValueError, lambda: (torch.zeros(1, 1, 4, 4), torch.zeros(2, 4, 4))),
-    ("disp", ValueError, lambda: (torch.zeros(1, 1, 4, 4), torch.zeros(1, 3, 4, 4))),
-    ("disp", ValueError, lambda: (torch.zeros(2, 1, 4, 4), torch.zeros(1, 2, 4, 4))),
-    ("disp", TypeError, lambda: (torch.zeros(1, 1, 4, 4), torch.zeros(1, 2, 4, 4, dtype=torch.int64))),
-    ("disp", TypeError, lambda: (torch.zeros(1, 1, 4, 4), torch.zeros(1, 2, 4, 4, dtype=torch.float64))),
-    ("disp", TypeError, lambda: (torch.zeros(1, 1, 4, 4, dtype=torch.float64), torch.zeros(1, 2, 4, 4))),
-    ("disp", TypeError, lambda: (torch.zeros(1, 1, 4, 4, dtype=torch.float16), torch.zeros(1, 2, 4, 4, dtype=torch.bfloat16))),
-    ("disp", TypeError, lambda: (torch.zeros(1, 1, 4, 4), torch.zeros(1, 2, 4, 4, dtype=torch.float16))),
-]
-
-
-@pytest.mark.parametrize("fn", [warp, warp_torch, warp_naive, warp_grid_sample])
-@pytest.mark.parametrize("name,error,make", BAD_INPUTS)
-def test_bad_input(fn, name, error, make):
-    src, disp = make()
-    with pytest.raises(error, match=name):
-        fn(src, disp)
-
-
-@pytest.mark.parametrize("fn", [warp, warp_torch, warp_naive, warp_grid_sample])
-def test_unknown_padding(fn):
-    with pytest.raises(ValueError, match="padding.*'reflection'"):
-        fn(torch.zeros(1, 1, 4, 4), torch.zeros(1, 2, 4, 4), "reflection")
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_devices_differ():
-    with pytest.raises(ValueError, match="disp must be on"):
-        warp(torch.zeros(1, 1, 4, 4, device="cuda"), torch.zeros(1, 2, 4, 4))
-
-
 def test_cpu_without_interpreter_uses_fallback(monkeypatch):
     calls = []
     real = warp_module.fallback.warp_forward

@@ -1,0 +1,67 @@
+"""Sizes past 2**31 elements, and the kernels' 64-bit offset path."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from tcae_kernels import merged_warp, warp, warp_l1, warp_naive, warp_torch
+
+from test_warp import rel_err
+SIDE = 46341  # SIDE**2 > 2**31
+
+
+def huge_source(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [1, 1, SIDE, SIDE] float16 source (4.3 GB, left untouched but for a corner patch:
+    the OS commits only the pages written) and the patch's values."""
+    src = torch.empty(1, 1, SIDE, SIDE, dtype=torch.float16, device=device)
+    patch = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0)).half().to(device)
+    src[..., -4:, -4:] = patch
+    return src, patch
+
+
+def check_huge(fn, device: str) -> None:
+    src, patch = huge_source(device)
+    # Output pixel (x, y) samples at (x + SIDE − 3.5, y + SIDE − 3.5): inside the patch,
+    # at element offsets past 2**31.
+    disp = torch.full((1, 2, 2, 2), -(SIDE - 3.5), device=device, requires_grad=True)
+    out = fn(src, disp, "zeros")
+    expected = warp_naive(patch.double(), torch.full((1, 2, 2, 2), -0.5, dtype=torch.float64, device=device))
+    assert rel_err(out, expected) <= 2e-3
+    out.sum().backward()
+    d = torch.full((1, 2, 2, 2), -0.5, dtype=torch.float64, device=device, requires_grad=True)
+    warp_naive(patch.double(), d).sum().backward()
+    assert rel_err(disp.grad, d.grad) <= 5e-3
+
+
+def test_past_2_31_elements_fallback():
+    check_huge(warp_torch, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device with 5 GB free")
+def test_past_2_31_elements_cuda():
+    check_huge(warp, "cuda")
+
+
+def test_64_bit_offset_path(monkeypatch):
+    """The kernels' int64 indexing, forced on small tensors, gives the same results."""
+    gen = torch.Generator().manual_seed(1)
+    src = torch.randn(2, 5, 7, 9, generator=gen, requires_grad=True)
+    disp = (torch.randn(2, 2, 6, 8, generator=gen) * 3).requires_grad_()
+    logits = torch.randn(2, 1, 6, 8, generator=gen)
+    target = torch.randn(2, 5, 6, 8, generator=gen)
+
+    def run():
+        src.grad = disp.grad = None
+        out = warp(src, disp, "border") + merged_warp(src, disp, -disp, logits, -logits)
+        loss = out.square().sum() + warp_l1(src, disp, target).sum()
+        loss.backward()
+        return out.detach(), src.grad.clone(), disp.grad.clone()
+
+    narrow = run()
+    for name in ("warp", "merged_warp", "warp_l1"):
+        monkeypatch.setattr(importlib.import_module(f"tcae_kernels.{name}"), "needs_int64", lambda *t: True)
+    for a, b in zip(run(), narrow):
+        assert rel_err(a, b) <= 1e-6
