@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The one script for a GPU machine (BENCH.md): versions, the CUDA correctness
+# tests, then the full benchmark sweep. Run from anywhere:
+#     bash bench/gpu_check.sh            # writes to $OUT if set, else bench/results/
+# Budget on an H200: tests capped at 150 s, sweep ~2-3 min (40 cases x 5 ops x 4
+# implementations, 20 ms per measurement, Triton compiles included).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-bench/results}"
+mkdir -p "$out"
+export PYTHONPATH=.
+# tests/conftest.py turns the interpreter on unless told otherwise: real kernels here.
+export TRITON_INTERPRET=0
+
+main() {
+    echo "== versions"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi failed"
+    python3 -c 'import torch, triton; print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else None}")'
+
+    echo "== CUDA correctness tests"
+    local tests_rc=0
+    # A failure is reported at the end; the sweep below still runs, behind its own gate.
+    timeout 150 python3 -m pytest tests/test_warp.py tests/test_fused.py tests/test_limits.py -q -x -p no:cacheprovider || tests_rc=$?
+
+    echo "== benchmark"
+    python3 -m bench --out "$out" --rep-ms 20
+
+    echo "== tests exit code: $tests_rc (0 passed, 124 timed out)"
+    return "$tests_rc"
+}
+
+main 2>&1 | tee "$out/gpu_check.log"

@@ -1,0 +1,67 @@
+"""Smoke tests of the benchmark harness (bench/): it runs end to end and its gate bites."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench import impls
+from bench.__main__ import main
+from bench.harness import OPS, min_bytes
+from tcae_kernels import warp_torch
+from tcae_kernels.warp import INTERPRET
+
+# One tiny case per dtype: seconds, interpreter included.
+FAST = ["--quick", "--shapes", "2x3x16x16", "--layouts", "channels_last", "--fields", "rough", "--rep-ms", "1"]
+
+
+def test_quick_run_writes_checked_timed_rows(tmp_path):
+    assert main([*FAST, "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*.json")
+    result = json.loads(path.read_text())
+    assert result["machine"]["torch"] == torch.__version__
+    rows = result["rows"]
+    assert {r["op"] for r in rows} == set(OPS)
+    assert {r["dtype"] for r in rows} == {"float32", "bfloat16"}
+    timed = [r for r in rows if "skipped" not in r]
+    assert {r["impl"] for r in timed} == {"fallback", "gs-path", "gs-kernel", "naive"}
+    for r in rows:
+        need_src, need_disp, _ = OPS[r["op"]]
+        expected = {"out"} | ({"grad_src"} if need_src else set()) | ({"grad_disp"} if need_disp else set())
+        assert set(r["errors"]) == expected
+        fwd_tol, grad_tol = impls.tolerance(r["impl"], getattr(torch, r["dtype"]))
+        assert all(e <= (fwd_tol if k == "out" else grad_tol) for k, e in r["errors"].items())
+    for r in timed:
+        assert r["median_us"] > 0 and r["gbps"] > 0 and r["roofline"] > 0 and r["speedup"] > 0
+    ours = [r for r in rows if r["impl"] == "ours"]
+    if INTERPRET:  # the interpreter is checked, never timed
+        assert ours and all(r["backend"] == "triton-interpreter" and "skipped" in r for r in ours)
+
+
+def _shifted(src, disp, padding):
+    return warp_torch(src, disp + 0.25, padding)
+
+
+def _no_disp_grad(src, disp, padding):
+    return warp_torch(src, disp.detach(), padding) + 0 * disp.sum()
+
+
+@pytest.mark.parametrize(("wrong", "what"), [(_shifted, "out"), (_no_disp_grad, "grad_disp")])
+def test_gate_aborts_on_a_wrong_implementation(tmp_path, monkeypatch, wrong, what):
+    monkeypatch.setitem(impls.IMPLS, "fallback", impls.standard(wrong))
+    with pytest.raises(SystemExit, match=f"correctness gate failed.*fallback: {what}"):
+        main([*FAST, "--dtypes", "float32", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
+
+
+def test_min_bytes_follow_spec_section_5():
+    b, c, h, w = shape = (2, 3, 4, 5)
+    n = b * h * w
+    fwd = 2 * n * 4 + 2 * n * c * 2  # float32 disp, bfloat16 src and out
+    bwd_disp = 2 * n * c * 2 + 4 * n * 4
+    assert min_bytes("fwd", shape, torch.bfloat16, torch.float32) == fwd
+    assert min_bytes("bwd-disp", shape, torch.bfloat16, torch.float32) == bwd_disp
+    assert min_bytes("bwd-both", shape, torch.bfloat16, torch.float32) == bwd_disp + n * c * 2
+    assert min_bytes("fwdbwd-both", shape, torch.bfloat16, torch.float32) == fwd + bwd_disp + n * c * 2
