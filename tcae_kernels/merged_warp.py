@@ -66,6 +66,15 @@ if triton is not None:
         return ax.to(tl.float32), ay.to(tl.float32)
 
     @triton.jit
+    def _store_field(ptr, v, mask, F64: tl.constexpr):
+        """Store a float64 per-pixel gradient; through float32 unless the fields are float64
+        (the Triton interpreter turns float64 → bfloat16 into zeros)."""
+        if F64:
+            tl.store(ptr, v.to(ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(ptr, v.to(tl.float32).to(ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _merged_fwd_kernel(
         src_ptr, da_ptr, db_ptr, la_ptr, lb_ptr, out_ptr,
         N, C, H, W, H_in, W_in,
@@ -144,13 +153,12 @@ if triton is not None:
             pix = y * W + x
             d_off = b * 2 * hw + pix
             l_off = b * hw + pix
-            dtype = gda_ptr.dtype.element_ty
-            tl.store(gda_ptr + d_off, (wa * gdx).to(dtype), mask=pmask)
-            tl.store(gda_ptr + d_off + hw, (wa * gdy).to(dtype), mask=pmask)
-            tl.store(gdb_ptr + d_off, (wb * gdx).to(dtype), mask=pmask)
-            tl.store(gdb_ptr + d_off + hw, (wb * gdy).to(dtype), mask=pmask)
-            tl.store(gla_ptr + l_off, gl.to(dtype), mask=pmask)
-            tl.store(glb_ptr + l_off, (-gl).to(dtype), mask=pmask)
+            _store_field(gda_ptr + d_off, wa * gdx, pmask, F64)
+            _store_field(gda_ptr + d_off + hw, wa * gdy, pmask, F64)
+            _store_field(gdb_ptr + d_off, wb * gdx, pmask, F64)
+            _store_field(gdb_ptr + d_off + hw, wb * gdy, pmask, F64)
+            _store_field(gla_ptr + l_off, gl, pmask, F64)
+            _store_field(glb_ptr + l_off, -gl, pmask, F64)
 
 
 def _launch_args(src, fields):
