@@ -12,24 +12,21 @@ import torch
 
 from .checks import check_field, check_tensor, check_warp_args
 from .warp import (
-    channel_block,
+    backward_channels,
     disp_grad,
     empty_like_src,
     finish_grad_src,
     grad_out_bound,
     grad_src_buffer,
-    interpolate,
     launch_config,
-    load_neighbours,
     load_pair,
     needs_int64,
     pixels,
     position,
-    position_grad,
     resolve_deterministic,
-    scatter_neighbours,
     triton,
     uses_triton,
+    warp_channels,
     warp_torch,
 )
 
@@ -89,19 +86,10 @@ if triton is not None:
             b, y, x, dx, dy, H_in, W_in, pmask, BORDER, IDX64
         )
         ax, ay = _arithmetic(ax, ay, F64)
-        src_base = (b * ss_b + y0 * ss_h + x0 * ss_w)[:, None]
-        out_base = (b * so_b + y * so_h + x * so_w)[:, None]
-        for c0 in range(0, C, BLOCK_C):
-            c, cm = channel_block(c0, C, IDX64, BLOCK_C)
-            v00, v01, v10, v11 = load_neighbours(
-                src_ptr + src_base + (c * ss_c)[None, :], ss_h, ss_w, m00, m01, m10, m11, cm, ax.dtype
-            )
-            val = tl.where(finite[:, None], interpolate(v00, v01, v10, v11, ax, ay), float("nan"))
-            tl.store(
-                out_ptr + out_base + (c * so_c)[None, :],
-                val.to(out_ptr.dtype.element_ty),
-                mask=pmask[:, None] & cm,
-            )
+        warp_channels(
+            src_ptr, out_ptr, b, y, x, y0, x0, C, ss_b, ss_c, ss_h, ss_w, so_b, so_c, so_h, so_w,
+            finite, ax, ay, m00, m01, m10, m11, pmask, IDX64, BLOCK_C,
+        )
 
     @triton.jit
     def _merged_bwd_kernel(
@@ -122,28 +110,12 @@ if triton is not None:
             b, y, x, dx, dy, H_in, W_in, pmask, BORDER, IDX64
         )
         ax, ay = _arithmetic(ax, ay, F64)
-        src_base = (b * ss_b + y0 * ss_h + x0 * ss_w)[:, None]
-        gsrc_base = (b * sgs_b + y0 * sgs_h + x0 * sgs_w)[:, None]
-        gout_base = (b * sg_b + y * sg_h + x * sg_w)[:, None]
-        sum_x = tl.zeros_like(ax)
-        sum_y = tl.zeros_like(ay)
-        for c0 in range(0, C, BLOCK_C):
-            c, cm = channel_block(c0, C, IDX64, BLOCK_C)
-            g = tl.load(gout_ptr + gout_base + (c * sg_c)[None, :], mask=pmask[:, None] & cm, other=0.0)
-            g = g.to(ax.dtype)
-            if NEED_FIELDS:
-                v00, v01, v10, v11 = load_neighbours(
-                    src_ptr + src_base + (c * ss_c)[None, :], ss_h, ss_w, m00, m01, m10, m11, cm, ax.dtype
-                )
-                px, py = position_grad(g, v00, v01, v10, v11, ax, ay)
-                sum_x += px
-                sum_y += py
-            if NEED_SRC:
-                scatter_neighbours(
-                    gsrc_ptr + gsrc_base + (c * sgs_c)[None, :], sgs_h, sgs_w, g, ax, ay,
-                    m00 & finite, m01 & finite, m10 & finite, m11 & finite, cm,
-                    fixed_scale, DETERMINISTIC,
-                )
+        sum_x, sum_y = backward_channels(
+            src_ptr, gout_ptr, gsrc_ptr, b, y, x, y0, x0, C,
+            ss_b, ss_c, ss_h, ss_w, sg_b, sg_c, sg_h, sg_w, sgs_b, sgs_c, sgs_h, sgs_w,
+            finite, ax, ay, m00, m01, m10, m11, pmask, fixed_scale,
+            NEED_SRC, NEED_FIELDS, DETERMINISTIC, IDX64, BLOCK_C,
+        )
         if NEED_FIELDS:
             gdx, gdy = disp_grad(sum_x, sum_y, gate_x, gate_y, finite)
             # δ = w_a·δ_a + w_b·δ_b with ∂w_a/∂l_a = w_a·w_b = −∂w_a/∂l_b.

@@ -184,6 +184,66 @@ if triton is not None:
         _scatter_one(ptr + s_h + s_w, g * (axc * ayc), m11[:, None] & cm, fixed_scale, DETERMINISTIC)
 
     @triton.jit
+    def warp_channels(
+        src_ptr, out_ptr, b, y, x, y0, x0, C,
+        ss_b, ss_c, ss_h, ss_w, so_b, so_c, so_h, so_w,
+        finite, ax, ay, m00, m01, m10, m11, pmask,
+        IDX64: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """out[b, :, y, x] for one block of pixels whose positions are known: every forward's channel loop."""
+        src_base = (b * ss_b + y0 * ss_h + x0 * ss_w)[:, None]
+        out_base = (b * so_b + y * so_h + x * so_w)[:, None]
+        for c0 in range(0, C, BLOCK_C):
+            c, cm = channel_block(c0, C, IDX64, BLOCK_C)
+            v00, v01, v10, v11 = load_neighbours(
+                src_ptr + src_base + (c * ss_c)[None, :], ss_h, ss_w, m00, m01, m10, m11, cm, ax.dtype
+            )
+            val = tl.where(finite[:, None], interpolate(v00, v01, v10, v11, ax, ay), float("nan"))
+            tl.store(
+                out_ptr + out_base + (c * so_c)[None, :],
+                val.to(out_ptr.dtype.element_ty),
+                mask=pmask[:, None] & cm,
+            )
+
+    @triton.jit
+    def backward_channels(
+        src_ptr, gout_ptr, gsrc_ptr, b, y, x, y0, x0, C,
+        ss_b, ss_c, ss_h, ss_w, sg_b, sg_c, sg_h, sg_w, sgs_b, sgs_c, sgs_h, sgs_w,
+        finite, ax, ay, m00, m01, m10, m11, pmask, fixed_scale,
+        NEED_SRC: tl.constexpr, NEED_POS: tl.constexpr, DETERMINISTIC: tl.constexpr,
+        IDX64: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """The channel loop of a backward from a loaded ∂L/∂out (g).
+
+        Scatters ∂L/∂src when NEED_SRC; returns Σ_c g·∂out/∂x̂ and Σ_c g·∂out/∂ŷ
+        per pixel (zeros unless NEED_POS).
+        """
+        src_base = (b * ss_b + y0 * ss_h + x0 * ss_w)[:, None]
+        gsrc_base = (b * sgs_b + y0 * sgs_h + x0 * sgs_w)[:, None]
+        gout_base = (b * sg_b + y * sg_h + x * sg_w)[:, None]
+        sum_x = tl.zeros_like(ax)
+        sum_y = tl.zeros_like(ay)
+        for c0 in range(0, C, BLOCK_C):
+            c, cm = channel_block(c0, C, IDX64, BLOCK_C)
+            g = tl.load(gout_ptr + gout_base + (c * sg_c)[None, :], mask=pmask[:, None] & cm, other=0.0)
+            g = g.to(ax.dtype)
+            if NEED_POS:
+                v00, v01, v10, v11 = load_neighbours(
+                    src_ptr + src_base + (c * ss_c)[None, :], ss_h, ss_w, m00, m01, m10, m11, cm, ax.dtype
+                )
+                px, py = position_grad(g, v00, v01, v10, v11, ax, ay)
+                sum_x += px
+                sum_y += py
+            if NEED_SRC:
+                # A non-finite δ has no position, so it sends nothing to src.
+                scatter_neighbours(
+                    gsrc_ptr + gsrc_base + (c * sgs_c)[None, :], sgs_h, sgs_w, g, ax, ay,
+                    m00 & finite, m01 & finite, m10 & finite, m11 & finite, cm,
+                    fixed_scale, DETERMINISTIC,
+                )
+        return sum_x, sum_y
+
+    @triton.jit
     def _warp_fwd_kernel(
         src_ptr, disp_ptr, out_ptr,
         N, C, H, W, H_in, W_in,
@@ -198,19 +258,10 @@ if triton is not None:
         finite, x0, y0, ax, ay, _, _, m00, m01, m10, m11 = position(
             b, y, x, dx, dy, H_in, W_in, pmask, BORDER, IDX64
         )
-        src_base = (b * ss_b + y0 * ss_h + x0 * ss_w)[:, None]
-        out_base = (b * so_b + y * so_h + x * so_w)[:, None]
-        for c0 in range(0, C, BLOCK_C):
-            c, cm = channel_block(c0, C, IDX64, BLOCK_C)
-            v00, v01, v10, v11 = load_neighbours(
-                src_ptr + src_base + (c * ss_c)[None, :], ss_h, ss_w, m00, m01, m10, m11, cm, ax.dtype
-            )
-            val = tl.where(finite[:, None], interpolate(v00, v01, v10, v11, ax, ay), float("nan"))
-            tl.store(
-                out_ptr + out_base + (c * so_c)[None, :],
-                val.to(out_ptr.dtype.element_ty),
-                mask=pmask[:, None] & cm,
-            )
+        warp_channels(
+            src_ptr, out_ptr, b, y, x, y0, x0, C, ss_b, ss_c, ss_h, ss_w, so_b, so_c, so_h, so_w,
+            finite, ax, ay, m00, m01, m10, m11, pmask, IDX64, BLOCK_C,
+        )
 
     @triton.jit
     def _warp_bwd_kernel(
@@ -231,29 +282,12 @@ if triton is not None:
         finite, x0, y0, ax, ay, gate_x, gate_y, m00, m01, m10, m11 = position(
             b, y, x, dx, dy, H_in, W_in, pmask, BORDER, IDX64
         )
-        src_base = (b * ss_b + y0 * ss_h + x0 * ss_w)[:, None]
-        gsrc_base = (b * sgs_b + y0 * sgs_h + x0 * sgs_w)[:, None]
-        gout_base = (b * sg_b + y * sg_h + x * sg_w)[:, None]
-        sum_x = tl.zeros_like(ax)
-        sum_y = tl.zeros_like(ay)
-        for c0 in range(0, C, BLOCK_C):
-            c, cm = channel_block(c0, C, IDX64, BLOCK_C)
-            g = tl.load(gout_ptr + gout_base + (c * sg_c)[None, :], mask=pmask[:, None] & cm, other=0.0)
-            g = g.to(ax.dtype)
-            if NEED_DISP:
-                v00, v01, v10, v11 = load_neighbours(
-                    src_ptr + src_base + (c * ss_c)[None, :], ss_h, ss_w, m00, m01, m10, m11, cm, ax.dtype
-                )
-                px, py = position_grad(g, v00, v01, v10, v11, ax, ay)
-                sum_x += px
-                sum_y += py
-            if NEED_SRC:
-                # A non-finite δ has no position, so it sends nothing to src.
-                scatter_neighbours(
-                    gsrc_ptr + gsrc_base + (c * sgs_c)[None, :], sgs_h, sgs_w, g, ax, ay,
-                    m00 & finite, m01 & finite, m10 & finite, m11 & finite, cm,
-                    fixed_scale, DETERMINISTIC,
-                )
+        sum_x, sum_y = backward_channels(
+            src_ptr, gout_ptr, gsrc_ptr, b, y, x, y0, x0, C,
+            ss_b, ss_c, ss_h, ss_w, sg_b, sg_c, sg_h, sg_w, sgs_b, sgs_c, sgs_h, sgs_w,
+            finite, ax, ay, m00, m01, m10, m11, pmask, fixed_scale,
+            NEED_SRC, NEED_DISP, DETERMINISTIC, IDX64, BLOCK_C,
+        )
         if NEED_DISP:
             gdx, gdy = disp_grad(sum_x, sum_y, gate_x, gate_y, finite)
             gd = gdisp_ptr + b * sgd_b + y * sgd_h + x * sgd_w
