@@ -1,0 +1,313 @@
+"""Training: exact resume, checkpoint safety, NaN diagnostics, panels, config, DDP.
+
+Tiny runs: 64 px, width 0.125, batch 4, grid_sample warp (the warp is tested
+elsewhere; the Triton interpreter would make every step seconds long).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tcae.checkpoint as checkpoint_module
+import tcae.train as train_module
+from tcae.checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
+from tcae.panels import COLUMNS, flow_to_rgb
+from tcae.synthetic import SyntheticConfig, generate_dataset
+from tcae.train import GlobalBatches, NonFiniteLossError, TrainConfig, train
+
+TIMING = ("img_per_s", "time")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny convolutions gain nothing from intra-op threads, and on a shared
+    # CPU OpenMP's spin-waiting makes them many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_dataset(root, SyntheticConfig(identities=4, videos_per_identity=1, frames_per_video=6, size=64))
+    return root
+
+
+def tiny(data: Path, out: Path, **changes) -> TrainConfig:
+    # 3 training identities × 5 pairs = 15 pairs: 3 batches of 4 per epoch, so 6 steps cross two epochs.
+    settings = dict(data=str(data), out=str(out), image_size=64, width=0.125, batch_size=4, steps=6,
+                    pairs_per_track=5, log_every=1, val_every=2, val_batches=1, panel_every=0, ckpt_every=2,
+                    num_workers=0, backend="grid_sample", threads=1)
+    return TrainConfig(**{**settings, **changes})
+
+
+def metrics(out: Path) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory) -> Path:
+    """A finished 2-step run; returns its checkpoint."""
+    out = tmp_path_factory.mktemp("trained")
+    train(tiny(data, out, steps=2))
+    return out / "checkpoint.pt"
+
+
+def test_resume_continues_exactly(data, tmp_path, monkeypatch):
+    whole = tmp_path / "whole"
+    train(tiny(data, whole))
+
+    # Same run, killed as it starts writing the step-6 checkpoint: steps 5
+    # and 6 are logged, checkpoint.pt still holds step 4 (mid-epoch).
+    broken = tmp_path / "broken"
+    real_save = train_module.save_checkpoint
+
+    def killed_at_6(path, state):
+        if state["step"] == 6:
+            raise KeyboardInterrupt
+        return real_save(path, state)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", killed_at_6)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(data, broken))
+    monkeypatch.undo()
+    state = load_checkpoint(broken / "checkpoint.pt")
+    assert (state["step"], state["epoch"], state["consumed"]) == (4, 1, 1)
+
+    model, summary = train(tiny(data, broken), resume="")
+    assert summary["steps"] == 6
+    assert metrics(broken) == metrics(whole)  # every loss term, lr, window and val loss, bitwise
+    resumed, uninterrupted = load_checkpoint(broken / "checkpoint.pt"), load_checkpoint(whole / "checkpoint.pt")
+    for name, value in uninterrupted["model"].items():
+        assert torch.equal(resumed["model"][name], value), name
+
+
+def test_checkpoint_holds_full_state(trained):
+    state = load_checkpoint(trained)
+    assert {"model", "optimizer", "scheduler", "curriculum", "val", "rng", "step", "epoch", "consumed",
+            "config"} <= set(state)
+    assert {"python", "numpy", "torch", "cuda"} <= set(state["rng"])
+    assert state["config"]["width"] == 0.125 and state["step"] == 2
+
+
+def test_incompatible_config_is_refused(data, trained, tmp_path):
+    config = tiny(data, tmp_path, width=0.25, image_size=128)
+    with pytest.raises(CheckpointError) as e:
+        train(config, resume=trained)
+    message = str(e.value)
+    assert "width: checkpoint 0.125, config 0.25" in message
+    assert "image_size: checkpoint 64, config 128" in message
+    assert "embed_dim" not in message
+    check_compatible(load_checkpoint(trained)["config"], asdict(tiny(data, tmp_path, lr=0.5)))  # lr may change
+
+
+def test_corrupt_checkpoint_is_detected(data, trained, tmp_path):
+    blob = trained.read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(blob[: len(blob) // 2])
+    flipped = tmp_path / "flipped.pt"
+    damaged = bytearray(blob)
+    damaged[len(blob) * 3 // 4] ^= 0xFF
+    flipped.write_bytes(bytes(damaged))
+    for path in (truncated, flipped):
+        with pytest.raises(CheckpointError, match="is corrupt"):
+            load_checkpoint(path)
+    stranger = tmp_path / "stranger.pt"
+    torch.save({"model": {}}, stranger)
+    with pytest.raises(CheckpointError, match="not a TCAE checkpoint"):
+        load_checkpoint(stranger)
+    with pytest.raises(CheckpointError, match="is corrupt"):
+        train(tiny(data, tmp_path / "run"), resume=truncated)
+
+
+def test_failed_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"step": 1, "weights": torch.arange(4.0)})
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(path, {"step": 2, "weights": torch.zeros(10_000)})
+    monkeypatch.undo()
+    state = load_checkpoint(path)
+    assert state["step"] == 1 and torch.equal(state["weights"], torch.arange(4.0))
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_kill_during_write_leaves_previous_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"step": 1})
+    # The process dies (SIGKILL: no cleanup) after the new bytes are written, before the rename.
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        import tcae.checkpoint as c
+        c.os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
+        c.save_checkpoint({str(path)!r}, {{"step": 2, "weights": torch.zeros(100_000)}})
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert result.returncode == -signal.SIGKILL
+    assert load_checkpoint(path)["step"] == 1
+    stale = path.with_name("checkpoint.pt.tmp")
+    assert stale.exists()  # the next save overwrites it
+    save_checkpoint(path, {"step": 3})
+    assert load_checkpoint(path)["step"] == 3 and not stale.exists()
+
+
+def test_non_finite_loss_stops_with_diagnostic(data, tmp_path, monkeypatch):
+    real = train_module.compute_losses
+    calls = []
+
+    def poisoned(model, out, source, target, weights=None):
+        losses, total = real(model, out, source, target, weights)
+        if torch.is_grad_enabled():  # training steps, not validation
+            calls.append(1)
+            if len(calls) == 3:
+                nan = torch.zeros_like(total)
+                nan[1] = math.nan
+                losses = {**losses, "cycle_au": losses["cycle_au"] + nan}
+                total = total + nan
+        return losses, total
+
+    monkeypatch.setattr(train_module, "compute_losses", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError) as e:
+        train(tiny(data, out))
+    message = str(e.value)
+    assert "step 3" in message
+    assert "cycle_au" in message and "recon:" not in message
+    assert "samples [1]" in message
+    assert "sample 1: identity id00" in message and "track id00" in message and "frames " in message
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 2  # nothing trained on the NaN
+
+
+def test_panels_and_metrics(data, tmp_path):
+    out = tmp_path / "run"
+    _, summary = train(tiny(data, out, steps=2, panel_every=1, panel_samples=3))
+    assert [Path(p).name for p in summary["panels"]] == ["step_000001.png", "step_000002.png"]
+    png = Path(summary["panels"][-1]).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])
+    tile = 64 * 2  # zoom 2
+    assert (width, height) == (len(COLUMNS) * tile + (len(COLUMNS) - 1) * 2, 3 * tile + 2 * 2)
+    records = metrics(out)
+    steps = [r for r in records if "recon" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert {"total", "loss", "lr", "window", "grad_norm", "cycle_au", "au_sparsity"} <= set(r)
+        assert math.isfinite(r["total"]) and r["lr"] == pytest.approx(1e-3)
+    assert any("val_loss" in r for r in records)
+    assert summary["img_per_s"] > 0 and summary["val_loss"] is not None
+
+
+def test_flow_colours():
+    disp = np.zeros((2, 2, 3))
+    disp[0, 0, 1] = 2.0  # +x: red
+    disp[1, 1, 2] = 2.0  # +y: a quarter turn of hue, yellow-green
+    rgb = flow_to_rgb(disp)
+    assert tuple(rgb[0, 0]) == (255, 255, 255)  # still: white
+    assert tuple(rgb[0, 1]) == (255, 0, 0)
+    assert rgb[1, 2, 1] == 255 and rgb[1, 2, 2] == 0 and rgb[1, 2, 0] < 255
+
+
+def test_global_batches_shard_and_resume():
+    whole = list(GlobalBatches(20, 4, seed=3))
+    assert len(whole) == 5 and sorted(i for b in whole for i in b) == sorted(set(i for b in whole for i in b))
+    ranks = [list(GlobalBatches(20, 4, rank=r, world=2, seed=3)) for r in range(2)]
+    assert [a + b for a, b in zip(*ranks)] == whole
+    later = GlobalBatches(20, 4, seed=3)
+    later.set_position(0, 2)
+    assert list(later) == whole[2:]
+    later.set_position(1, 0)
+    assert list(later) != whole
+    with pytest.raises(ValueError, match="divisible"):
+        GlobalBatches(20, 3, world=2)
+
+
+def test_config_from_file_and_flags(tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    train_module.add_config_arguments(parser)
+    toml = tmp_path / "run.toml"
+    toml.write_text('data = "faces"\nimage_size = 128\noptimizer = "adam"\ncurriculum = false\n')
+    config = train_module.config_from_args(parser.parse_args(["--config", str(toml), "--image-size", "64"]))
+    assert (config.data, config.image_size, config.optimizer, config.curriculum) == ("faces", 64, "adam", False)
+    assert (config.batch_size, config.lr, config.momentum) == (64, 1e-3, 0.9)  # SPEC defaults
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"image_size": 64, "learning_rate": 1}))
+    with pytest.raises(ValueError, match="learning_rate"):
+        train_module.config_from_args(parser.parse_args(["--config", str(bad)]))
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="rmsprop")
+
+
+def test_cosine_schedule():
+    config = TrainConfig(schedule="cosine", warmup_steps=10, steps=110, min_lr_ratio=0.1)
+    factors = [train_module.lr_factor(config, s) for s in range(110)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+
+
+DDP_DRIVER = """
+import os, sys, torch
+from tcae.train import TrainConfig, train
+config = TrainConfig(**{settings})
+model, _ = train(config)
+torch.save({{n: p.detach() for n, p in model.named_parameters()}},
+           os.path.join(config.out, "rank" + os.environ["RANK"] + ".pt"))
+"""
+
+
+def test_ddp_replicas_stay_identical(data, tmp_path):
+    out = tmp_path / "run"
+    config = asdict(tiny(data, out, steps=3, val_every=2, panel_every=3, ckpt_every=0, device="cpu"))
+    driver = tmp_path / "driver.py"
+    driver.write_text(DDP_DRIVER.format(settings=repr(config)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)  # grid_sample backend: not needed
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver)],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    saved = load_checkpoint(out / "checkpoint.pt")
+    assert saved["world_size"] == 2 and saved["step"] == 3
+    for name, value in ranks[0].items():
+        assert torch.equal(ranks[1][name], value), name
+        assert torch.equal(saved["model"][name], value), name
+    torch.manual_seed(0)  # train() seeds with config.seed before building the model
+    initial = train_module.TCAE(tiny(data, out).model_config())
+    assert not torch.equal(dict(initial.named_parameters())["encoder.trunk.0.0.weight"],
+                           ranks[0]["encoder.trunk.0.0.weight"])
+    # Only rank 0 writes: one metrics line per step and a single panel.
+    assert len([r for r in metrics(out) if "recon" in r]) == 3
+    assert [p.name for p in (out / "panels").iterdir()] == ["step_000003.png"]
+
+
+def test_resume_on_finished_run_is_a_no_op(data, trained, tmp_path):
+    out = tmp_path / "copy"
+    out.mkdir()
+    shutil.copy(trained, out / "checkpoint.pt")
+    _, summary = train(tiny(data, out, steps=2), resume="")
+    assert summary["steps"] == 2
