@@ -25,6 +25,9 @@ main() {
     echo "== benchmark"
     python3 -m bench --out "$out" --rep-ms 20
 
+    echo "== fused TCAE ops vs the unfused sequences"
+    python3 -m bench.fused --shapes train feat64 --rep-ms 20 --out "$out/fused.json"
+
     echo "== tests exit code: $tests_rc (0 passed, 124 timed out)"
     return "$tests_rc"
 }

@@ -267,6 +267,8 @@ def warp_l1(
     if uses_triton(src):
         loss = _warp_l1_op(src, disp, target, padding, resolve_deterministic(deterministic))
     else:
-        diff = warp_torch(src, disp, padding).to(acc_dtype(src)) - target.to(acc_dtype(src))
-        loss = diff.abs().flatten(1).mean(dim=1)
+        # Warp in the arithmetic dtype, as the kernel does: a bfloat16 image
+        # rounded before the difference would flip the sign of small residuals.
+        acc = acc_dtype(src)
+        loss = (warp_torch(src.to(acc), disp.to(acc), padding) - target.to(acc)).abs().flatten(1).mean(dim=1)
     return loss.mean() if reduction == "mean" else loss

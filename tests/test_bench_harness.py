@@ -65,3 +65,12 @@ def test_min_bytes_follow_spec_section_5():
     assert min_bytes("bwd-disp", shape, torch.bfloat16, torch.float32) == bwd_disp
     assert min_bytes("bwd-both", shape, torch.bfloat16, torch.float32) == bwd_disp + n * c * 2
     assert min_bytes("fwdbwd-both", shape, torch.bfloat16, torch.float32) == fwd + bwd_disp + n * c * 2
+
+
+def test_fused_bench_checks_and_times(tmp_path):
+    from bench.fused import main as fused_main
+
+    rows = fused_main(["--shapes", "q-img", "--dtypes", "float32", "--rep-ms", "1", "--out", str(tmp_path / "f.json")])
+    assert {r["op"] for r in rows} == {"merged", "l1"}
+    assert all(r["fused_us"] > 0 and r["fused_error"] <= 1e-5 for r in rows)
+    assert json.loads((tmp_path / "f.json").read_text())["rows"] == rows

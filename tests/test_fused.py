@@ -48,11 +48,20 @@ def merged_inputs(dtype, device, gen, b=2, c=5, size_in=(9, 10), size=(7, 8), sc
     return [src] + [t.to(fd).to(device) for t in (da, db, la, lb)]
 
 
+@pytest.fixture(params=["kernels", "fallback"])
+def path(request, monkeypatch):
+    """Run the fused ops through their kernels, or through their PyTorch fallback."""
+    if request.param == "fallback":
+        for name in ("merged_warp", "warp_l1"):
+            monkeypatch.setattr(importlib.import_module(f"tcae_kernels.{name}"), "uses_triton", lambda t: False)
+    return request.param
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scale", [0.5, 3.0, 30.0])
-def test_merged_warp_matches_composition(device, padding, dtype, scale):
+def test_merged_warp_matches_composition(device, padding, dtype, scale, path):
     gen = torch.Generator().manual_seed(101)
     inputs = merged_inputs(dtype, device, gen, scale=scale)
     assert_matches(
@@ -89,7 +98,7 @@ def test_merged_warp_non_finite_logit_poisons_pixel():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_warp_l1_matches_warp_plus_l1(device, padding, dtype):
+def test_warp_l1_matches_warp_plus_l1(device, padding, dtype, path):
     gen = torch.Generator().manual_seed(202)
     src = torch.randn(3, 4, 9, 10, generator=gen, dtype=torch.float64).to(dtype).to(device)
     disp = (torch.randn(3, 2, 7, 8, generator=gen, dtype=torch.float64) * 3).to(field_dtype(dtype)).to(device)
