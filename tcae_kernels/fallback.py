@@ -7,6 +7,8 @@ match theirs to rounding. ``tcae_kernels.warp_torch`` is it behind autograd.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -38,57 +40,81 @@ def _axis(coord: torch.Tensor, d: torch.Tensor, size: int, border: bool):
     return i0.long(), a, gate
 
 
-def sample_setup(disp: torch.Tensor, h_in: int, w_in: int, padding: str, acc: torch.dtype):
-    """Per output pixel: neighbour indices, weights, gradient gates, finiteness ([B, H, W] each)."""
-    _, _, h, w = disp.shape
-    d = disp.to(acc)
-    xs = torch.arange(w, device=disp.device, dtype=acc).view(1, 1, w).expand_as(d[:, 0])
-    ys = torch.arange(h, device=disp.device, dtype=acc).view(1, h, 1).expand_as(d[:, 1])
-    finite = torch.isfinite(d[:, 0]) & torch.isfinite(d[:, 1])
+class Neighbours(NamedTuple):
+    """Where each output pixel samples, per neighbour in the order 00, 01, 10, 11 (y, x).
+
+    index: flat src index [B, P] (P = H·W), clamped into src; weight: bilinear
+    weight [B, P], 0 for a neighbour outside src (so the clamped index reads
+    something harmless). d_x, d_y: ∂weight/∂x̂ and ∂weight/∂ŷ, 0 outside.
+    gate_x, gate_y: where δ receives gradient; finite: where δ is finite.
+    """
+
+    index: list[torch.Tensor]
+    weight: list[torch.Tensor]
+    d_x: list[torch.Tensor]
+    d_y: list[torch.Tensor]
+    gate_x: torch.Tensor
+    gate_y: torch.Tensor
+    finite: torch.Tensor
+
+
+def _pair(i0: torch.Tensor, a: torch.Tensor, size: int):
+    """Along one axis: the two neighbours' clamped indices, in-bounds masks (as 0/1) and weights."""
+    last = max(size - 1, 0)
+    inb = (((i0 >= 0) & (i0 < size)).to(a.dtype), ((i0 >= -1) & (i0 < size - 1)).to(a.dtype))
+    return (i0.clamp(0, last), (i0 + 1).clamp(0, last)), inb, ((1 - a) * inb[0], a * inb[1])
+
+
+def neighbours(disp: torch.Tensor, h_in: int, w_in: int, padding: str, acc: torch.dtype) -> Neighbours:
+    b, _, h, w = disp.shape
+    d = disp.to(acc).reshape(b, 2, h * w)
+    xs = torch.arange(w, device=disp.device, dtype=acc).repeat(h).expand(b, h * w)
+    ys = torch.arange(h, device=disp.device, dtype=acc).repeat_interleave(w).expand(b, h * w)
+    finite = torch.isfinite(d).all(dim=1)
+    # A non-finite δ samples at its own pixel; its results are overwritten with NaN.
     dx = torch.where(finite, d[:, 0], xs)
     dy = torch.where(finite, d[:, 1], ys)
     border = padding == "border"
     x0, ax, gate_x = _axis(xs, dx, w_in, border)
     y0, ay, gate_y = _axis(ys, dy, h_in, border)
-    return x0, y0, ax, ay, gate_x, gate_y, finite
+    xi, vx, wx = _pair(x0, ax, w_in)
+    yi, vy, wy = _pair(y0, ay, h_in)
+    sign = (-1.0, 1.0)
+    index, weight, d_x, d_y = [], [], [], []
+    for j in range(2):
+        row = yi[j] * w_in
+        for i in range(2):
+            index.append(row + xi[i])
+            weight.append(wy[j] * wx[i])
+            d_x.append(wy[j] * vx[i] * sign[i])
+            d_y.append(vy[j] * wx[i] * sign[j])
+    return Neighbours(index, weight, d_x, d_y, gate_x, gate_y, finite)
 
 
-def _neighbours(x0, y0, ax, ay, h_in: int, w_in: int):
-    """The four (flat index, weight, in-bounds) triples, in the order 00, 01, 10, 11 (y, x)."""
-    for dy, wy in ((0, 1 - ay), (1, ay)):
-        for dx, wx in ((0, 1 - ax), (1, ax)):
-            xi, yi = x0 + dx, y0 + dy
-            valid = (xi >= 0) & (xi < w_in) & (yi >= 0) & (yi < h_in)
-            yield torch.where(valid, yi * w_in + xi, torch.zeros_like(xi)), wx * wy, valid
-
-
-def _gather(flat: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """flat src [B, C, H_in·W_in] at idx [B, H, W] → [B, C, H·W] in acc, 0 where not valid.
+def _gather(flat: torch.Tensor, index: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """flat src [B, C, H_in·W_in] at index [B, P] → [B, C, P] in acc.
 
     Only the gathered values are converted: src itself may be far larger than the output.
     """
     b, c, _ = flat.shape
-    n = idx.shape[1] * idx.shape[2]
-    vals = flat.gather(2, idx.reshape(b, 1, n).expand(b, c, n)).to(acc)
-    return vals * valid.reshape(b, 1, n)
+    return flat.gather(2, index.unsqueeze(1).expand(b, c, index.shape[1])).to(acc)
 
 
 def warp_forward(src: torch.Tensor, disp: torch.Tensor, padding: str) -> torch.Tensor:
     b, c, h_in, w_in = src.shape
     _, _, h, w = disp.shape
     acc = acc_dtype(src)
+    out = torch.zeros(b, c, h * w, dtype=acc, device=src.device)
     if h_in * w_in == 0:
-        out = torch.zeros(b, c, h, w, dtype=acc, device=src.device)
-        finite = torch.isfinite(disp).all(dim=1)
+        finite = torch.isfinite(disp).all(dim=1).reshape(b, h * w)
     else:
-        x0, y0, ax, ay, _, _, finite = sample_setup(disp, h_in, w_in, padding, acc)
+        nb = neighbours(disp, h_in, w_in, padding, acc)
         flat = src.reshape(b, c, h_in * w_in)
-        out = torch.zeros(b, c, h * w, dtype=acc, device=src.device)
-        for idx, wgt, valid in _neighbours(x0, y0, ax, ay, h_in, w_in):
-            out += _gather(flat, idx, valid, acc) * wgt.reshape(b, 1, h * w)
-        out = out.view(b, c, h, w)
+        for index, weight in zip(nb.index, nb.weight):
+            out += _gather(flat, index, acc) * weight.unsqueeze(1)
+        finite = nb.finite
     out = out.masked_fill(~finite.unsqueeze(1), float("nan"))
-    return out.to(src.dtype)
+    return out.view(b, c, h, w).to(src.dtype)
 
 
 def warp_backward(
@@ -110,27 +136,25 @@ def warp_backward(
             finite = torch.isfinite(disp).all(dim=1, keepdim=True)
             grad_disp = torch.zeros_like(disp).masked_fill(~finite, float("nan"))
         return grad_src, grad_disp
-    x0, y0, ax, ay, gate_x, gate_y, finite = sample_setup(disp, h_in, w_in, padding, acc)
-    g = grad_out.reshape(b, c, h * w).to(acc)
+    nb = neighbours(disp, h_in, w_in, padding, acc)
     n = h * w
+    g = grad_out.reshape(b, c, n).to(acc)
     if need_src:
         # Non-finite pixels have no position, so they send nothing to src.
-        g_src = g * finite.reshape(b, 1, n)
+        g_src = g * nb.finite.unsqueeze(1)
         flat = torch.zeros(b, c, h_in * w_in, dtype=acc, device=src.device)
-        for idx, wgt, valid in _neighbours(x0, y0, ax, ay, h_in, w_in):
-            contrib = g_src * (wgt * valid).reshape(b, 1, n)
-            flat.scatter_add_(2, idx.reshape(b, 1, n).expand(b, c, n), contrib)
+        for index, weight in zip(nb.index, nb.weight):
+            flat.scatter_add_(2, index.unsqueeze(1).expand(b, c, n), g_src * weight.unsqueeze(1))
         grad_src = flat.view(b, c, h_in, w_in).to(src.dtype)
     if need_disp:
         s = src.reshape(b, c, h_in * w_in)
-        v00, v01, v10, v11 = (
-            _gather(s, idx, valid, acc) for idx, _, valid in _neighbours(x0, y0, ax, ay, h_in, w_in)
-        )
-        ax_, ay_ = ax.reshape(b, 1, n), ay.reshape(b, 1, n)
-        d_dx = ((1 - ay_) * (v01 - v00) + ay_ * (v11 - v10)) * g
-        d_dy = ((1 - ax_) * (v10 - v00) + ax_ * (v11 - v01)) * g
-        gx = -d_dx.sum(1) * gate_x.reshape(b, n)
-        gy = -d_dy.sum(1) * gate_y.reshape(b, n)
-        gd = torch.stack((gx, gy), dim=1).view(b, 2, h, w)
-        grad_disp = gd.masked_fill(~finite.unsqueeze(1), float("nan")).to(disp.dtype)
+        gx = torch.zeros(b, n, dtype=acc, device=src.device)
+        gy = torch.zeros_like(gx)
+        for index, d_x, d_y in zip(nb.index, nb.d_x, nb.d_y):
+            gv = (g * _gather(s, index, acc)).sum(dim=1)  # Σ_c g·S at this neighbour
+            gx += gv * d_x
+            gy += gv * d_y
+        # ∂x̂/∂δx = −1.
+        gd = -torch.stack((gx * nb.gate_x, gy * nb.gate_y), dim=1)
+        grad_disp = gd.masked_fill(~nb.finite.unsqueeze(1), float("nan")).view(b, 2, h, w).to(disp.dtype)
     return grad_src, grad_disp
