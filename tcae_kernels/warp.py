@@ -313,11 +313,15 @@ def needs_int64(*tensors: torch.Tensor) -> bool:
     return False
 
 
+def memory_format_of(src: torch.Tensor) -> torch.memory_format:
+    """channels_last for a channels_last src, else contiguous: the format of every [B, C, H, W] result."""
+    channels_last = src.is_contiguous(memory_format=torch.channels_last) and not src.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def empty_like_src(src: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A new [B, C, H, W] tensor in src's memory format (channels_last stays channels_last)."""
-    channels_last = src.is_contiguous(memory_format=torch.channels_last) and not src.is_contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(shape, dtype=dtype, device=src.device, memory_format=fmt)
+    return torch.empty(shape, dtype=dtype, device=src.device, memory_format=memory_format_of(src))
 
 
 def grad_out_bound(grad_out: torch.Tensor) -> float:
@@ -409,8 +413,7 @@ def _warp_op(
 ) -> torch.Tensor:
     if use_triton:
         return _forward(src, disp, padding)
-    out = fallback.warp_forward(src, disp, padding)
-    return empty_like_src(src, tuple(out.shape), out.dtype).copy_(out)
+    return fallback.warp_forward(src, disp, padding).contiguous(memory_format=memory_format_of(src))
 
 
 @_warp_op.register_fake
@@ -434,7 +437,7 @@ def _warp_backward_op(
     else:
         grad_src, grad_disp = fallback.warp_backward(grad_out, src, disp, padding, need_src, need_disp)
         if grad_src is not None:
-            grad_src = empty_like_src(src, tuple(src.shape), src.dtype).copy_(grad_src)
+            grad_src = grad_src.contiguous(memory_format=memory_format_of(src))
     # An op returns tensors, never None: an empty one stands for "not needed".
     return (
         grad_src if grad_src is not None else src.new_empty(0),

@@ -11,19 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from tcae.cli import main
 from tcae.data import FramePairDataset, LabelledFrames
 from tcae.synthetic import render_frame, sample_identity, sample_trajectory
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_synth(tmp_path, capsys):

@@ -22,14 +22,7 @@ from tcae.model import TCAE, TCAEConfig, TCAEOutput
 WIDTH = 0.125
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These convolutions are too small to gain from intra-op threads, and on a
-    # shared CPU OpenMP's spin-waiting makes them tens of times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blobs(b: int, size: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

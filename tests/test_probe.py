@@ -15,12 +15,7 @@ from tcae.synthetic import AU_NAMES, POSE_NAMES, SyntheticConfig, generate_datas
 from tcae.train import TrainConfig, train
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

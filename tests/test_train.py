@@ -32,14 +32,7 @@ from tcae.train import GlobalBatches, NonFiniteLossError, TrainConfig, train
 TIMING = ("img_per_s", "time")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny convolutions gain nothing from intra-op threads, and on a shared
-    # CPU OpenMP's spin-waiting makes them many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
