@@ -2,7 +2,7 @@
 
 from .merged_warp import merge_displacements, merged_warp
 from .reference import warp_grid_sample, warp_naive
-from .warp import warp, warp_torch
+from .warp import implementation, warp, warp_torch
 from .warp_l1 import warp_l1
 
 __all__ = [
@@ -13,5 +13,6 @@ __all__ = [
     "warp_l1",
     "warp_naive",
     "warp_grid_sample",
+    "implementation",
 ]
 __version__ = "0.1.0"

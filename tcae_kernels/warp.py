@@ -44,6 +44,16 @@ def uses_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and INTERPRET)
 
 
+def implementation(device: torch.device | str) -> str:
+    """What runs the warp ops for tensors on ``device``: "triton", "triton-interpreter" or "pytorch"."""
+    device = torch.device(device)
+    if triton is not None and device.type == "cuda":
+        return "triton"
+    if triton is not None and device.type == "cpu" and INTERPRET:
+        return "triton-interpreter"
+    return "pytorch"
+
+
 if triton is not None:
 
     @triton.jit
