@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tcae_kernels.warp import INTERPRET
+from tcae_kernels.ops.launch import INTERPRET
 
 from . import plot, sweep
 from .harness import DTYPES, FIELDS, LAYOUTS, OPS, QUICK_SHAPES, SHAPES, Timer, copy_bandwidth, machine_info, parse_shape

@@ -20,7 +20,7 @@ main() {
     echo "== CUDA correctness tests"
     local tests_rc=0
     # A failure is reported at the end; the sweep below still runs, behind its own gate.
-    timeout 150 python3 -m pytest tests/test_warp.py tests/test_fused.py tests/test_limits.py -q -x -p no:cacheprovider || tests_rc=$?
+    timeout 150 python3 -m pytest tests/test_warp.py tests/test_fused.py tests/test_limits.py -q -p no:cacheprovider || tests_rc=$?
 
     echo "== benchmark"
     python3 -m bench --out "$out" --rep-ms 20

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from tcae_kernels.warp import uses_triton
+from tcae_kernels import implementation
 
 from .harness import DTYPES, OPS, Shape, Timer, make_inputs, min_bytes
 from .impls import IMPLS, CorrectnessError, Prepared, check
@@ -32,7 +32,7 @@ class Case:
 
 def backend(impl: str, src: torch.Tensor) -> str:
     """What actually runs for ``impl`` on ``src``'s device."""
-    if impl == "ours" and uses_triton(src):
+    if impl == "ours" and implementation(src.device) != "pytorch":
         return "triton" if src.is_cuda else "triton-interpreter"
     return {"ours": "torch-fallback", "fallback": "torch-fallback", "naive": "torch"}.get(impl, "grid_sample")
 

@@ -1,9 +1,14 @@
-"""tcae-kernels: the differentiable bilinear displacement warp as fused Triton kernels."""
+"""tcae-kernels: the differentiable bilinear displacement warp as fused Triton kernels.
 
-from .merged_warp import merge_displacements, merged_warp
+Every op samples at x − δ (TCAE's convention), with δ in pixels.
+"""
+
+from .fallback import warp_torch
+from .ops.launch import implementation
+from .ops.merged_warp import merge_displacements, merged_warp
+from .ops.warp import warp
+from .ops.warp_l1 import warp_l1
 from .reference import warp_grid_sample, warp_naive
-from .warp import implementation, warp, warp_torch
-from .warp_l1 import warp_l1
 
 __all__ = [
     "warp",

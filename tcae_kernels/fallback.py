@@ -1,8 +1,11 @@
-"""The PyTorch fallback of the warp: the kernels' math, vectorized over tensors.
+"""The PyTorch fallback of every op: the kernels' math, vectorized over tensors.
 
-CPU tensors run this when the Triton interpreter is off. It follows the
-kernels step by step (same position arithmetic, same masks), so its results
-match theirs to rounding. ``tcae_kernels.warp_torch`` is it behind autograd.
+It is each custom op's CPU kernel when the Triton interpreter is off. It
+follows the kernels step by step (same position arithmetic, same masks), so
+its results match theirs to rounding; its src-gradient scatter is
+deterministic. Every function takes and returns what its op does (an empty
+tensor for a gradient not asked for). ``warp_torch`` is the warp through it on
+any device.
 """
 
 from __future__ import annotations
@@ -11,10 +14,8 @@ from typing import NamedTuple
 
 import torch
 
-
-def acc_dtype(src: torch.Tensor) -> torch.dtype:
-    """float64 stays float64; everything else computes in float32."""
-    return torch.float64 if src.dtype == torch.float64 else torch.float32
+from .checks import check_warp_args
+from .ops.launch import acc_dtype, memory_format_of, or_empty
 
 
 def _axis(coord: torch.Tensor, d: torch.Tensor, size: int, border: bool):
@@ -66,10 +67,13 @@ def _pair(i0: torch.Tensor, a: torch.Tensor, size: int):
 
 
 def neighbours(disp: torch.Tensor, h_in: int, w_in: int, padding: str, acc: torch.dtype) -> Neighbours:
+    """Positions in float64 for a float64 δ (merged_warp's merged field), else in ``acc``;
+    weights in ``acc``."""
     b, _, h, w = disp.shape
-    d = disp.to(acc).reshape(b, 2, h * w)
-    xs = torch.arange(w, device=disp.device, dtype=acc).repeat(h).expand(b, h * w)
-    ys = torch.arange(h, device=disp.device, dtype=acc).repeat_interleave(w).expand(b, h * w)
+    pos = torch.float64 if disp.dtype == torch.float64 else acc
+    d = disp.to(pos).reshape(b, 2, h * w)
+    xs = torch.arange(w, device=disp.device, dtype=pos).repeat(h).expand(b, h * w)
+    ys = torch.arange(h, device=disp.device, dtype=pos).repeat_interleave(w).expand(b, h * w)
     finite = torch.isfinite(d).all(dim=1)
     # A non-finite δ samples at its own pixel; its results are overwritten with NaN.
     dx = torch.where(finite, d[:, 0], xs)
@@ -85,9 +89,9 @@ def neighbours(disp: torch.Tensor, h_in: int, w_in: int, padding: str, acc: torc
         row = yi[j] * w_in
         for i in range(2):
             index.append(row + xi[i])
-            weight.append(wy[j] * wx[i])
-            d_x.append(wy[j] * vx[i] * sign[i])
-            d_y.append(vy[j] * wx[i] * sign[j])
+            weight.append((wy[j] * wx[i]).to(acc))
+            d_x.append((wy[j] * vx[i] * sign[i]).to(acc))
+            d_y.append((vy[j] * wx[i] * sign[j]).to(acc))
     return Neighbours(index, weight, d_x, d_y, gate_x, gate_y, finite)
 
 
@@ -100,7 +104,8 @@ def _gather(flat: torch.Tensor, index: torch.Tensor, acc: torch.dtype) -> torch.
     return flat.gather(2, index.unsqueeze(1).expand(b, c, index.shape[1])).to(acc)
 
 
-def warp_forward(src: torch.Tensor, disp: torch.Tensor, padding: str) -> torch.Tensor:
+def _warp(src: torch.Tensor, disp: torch.Tensor, padding: str) -> torch.Tensor:
+    """The warp in the arithmetic dtype, [B, C, H, W] contiguous."""
     b, c, h_in, w_in = src.shape
     _, _, h, w = disp.shape
     acc = acc_dtype(src)
@@ -113,18 +118,13 @@ def warp_forward(src: torch.Tensor, disp: torch.Tensor, padding: str) -> torch.T
         for index, weight in zip(nb.index, nb.weight):
             out += _gather(flat, index, acc) * weight.unsqueeze(1)
         finite = nb.finite
-    out = out.masked_fill(~finite.unsqueeze(1), float("nan"))
-    return out.view(b, c, h, w).to(src.dtype)
+    return out.masked_fill(~finite.unsqueeze(1), float("nan")).view(b, c, h, w)
 
 
-def warp_backward(
-    grad_out: torch.Tensor,
-    src: torch.Tensor,
-    disp: torch.Tensor,
-    padding: str,
-    need_src: bool,
-    need_disp: bool,
+def _warp_grads(
+    grad_out: torch.Tensor, src: torch.Tensor, disp: torch.Tensor, padding: str, need_src: bool, need_disp: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """∂L/∂src (src's dtype) and ∂L/∂δ (in the position dtype), None where not needed."""
     b, c, h_in, w_in = src.shape
     _, _, h, w = disp.shape
     acc = acc_dtype(src)
@@ -145,7 +145,7 @@ def warp_backward(
         flat = torch.zeros(b, c, h_in * w_in, dtype=acc, device=src.device)
         for index, weight in zip(nb.index, nb.weight):
             flat.scatter_add_(2, index.unsqueeze(1).expand(b, c, n), g_src * weight.unsqueeze(1))
-        grad_src = flat.view(b, c, h_in, w_in).to(src.dtype)
+        grad_src = flat.view(b, c, h_in, w_in).to(src.dtype).contiguous(memory_format=memory_format_of(src))
     if need_disp:
         s = src.reshape(b, c, h_in * w_in)
         gx = torch.zeros(b, n, dtype=acc, device=src.device)
@@ -156,5 +156,104 @@ def warp_backward(
             gy += gv * d_y
         # ∂x̂/∂δx = −1.
         gd = -torch.stack((gx * nb.gate_x, gy * nb.gate_y), dim=1)
-        grad_disp = gd.masked_fill(~nb.finite.unsqueeze(1), float("nan")).view(b, 2, h, w).to(disp.dtype)
+        grad_disp = gd.masked_fill(~nb.finite.unsqueeze(1), float("nan")).view(b, 2, h, w)
     return grad_src, grad_disp
+
+
+def warp_forward(src: torch.Tensor, disp: torch.Tensor, padding: str, deterministic: bool) -> torch.Tensor:
+    return _warp(src, disp, padding).to(src.dtype).contiguous(memory_format=memory_format_of(src))
+
+
+def warp_backward(
+    grad_out: torch.Tensor, src: torch.Tensor, disp: torch.Tensor, padding: str,
+    need_src: bool, need_disp: bool, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_src, grad_disp = _warp_grads(grad_out, src, disp, padding, need_src, need_disp)
+    return or_empty(grad_src, src), or_empty(grad_disp.to(disp.dtype) if need_disp else None, disp)
+
+
+def _merge(disp_a, disp_b, logit_a, logit_b):
+    """The merged δ in float64 (as the kernels merge) and the weight of δ_a."""
+    w_a = torch.sigmoid(logit_a.double() - logit_b.double())
+    return w_a * disp_a.double() + (1 - w_a) * disp_b.double(), w_a
+
+
+def merged_warp_forward(
+    src: torch.Tensor, disp_a: torch.Tensor, disp_b: torch.Tensor, logit_a: torch.Tensor, logit_b: torch.Tensor,
+    padding: str, deterministic: bool,
+) -> torch.Tensor:
+    disp, _ = _merge(disp_a, disp_b, logit_a, logit_b)
+    return warp_forward(src, disp, padding, deterministic)
+
+
+def merged_warp_backward(
+    grad_out: torch.Tensor, src: torch.Tensor, disp_a: torch.Tensor, disp_b: torch.Tensor,
+    logit_a: torch.Tensor, logit_b: torch.Tensor, padding: str,
+    need_src: bool, need_fields: bool, deterministic: bool,
+) -> list[torch.Tensor]:
+    disp, w_a = _merge(disp_a, disp_b, logit_a, logit_b)
+    grad_src, gd = _warp_grads(grad_out, src, disp, padding, need_src, need_fields)
+    grads = []
+    if need_fields:
+        # δ = w_a·δ_a + w_b·δ_b with ∂w_a/∂l_a = w_a·w_b = −∂w_a/∂l_b.
+        w_b = 1 - w_a
+        gl = w_a * w_b * (gd * (disp_a.double() - disp_b.double())).sum(dim=1, keepdim=True)
+        dtype = disp_a.dtype
+        grads = [(w_a * gd).to(dtype), (w_b * gd).to(dtype), gl.to(dtype), (-gl).to(dtype)]
+    return [or_empty(grad_src, src), *grads]
+
+
+def warp_l1_forward(
+    src: torch.Tensor, disp: torch.Tensor, target: torch.Tensor, padding: str, deterministic: bool
+) -> torch.Tensor:
+    # Warped in the arithmetic dtype, as the kernel does: a bfloat16 image
+    # rounded before the difference would flip the sign of small residuals.
+    return (_warp(src, disp, padding) - target.to(acc_dtype(src))).abs().flatten(1).mean(dim=1)
+
+
+def warp_l1_backward(
+    grad_loss: torch.Tensor, src: torch.Tensor, disp: torch.Tensor, target: torch.Tensor, padding: str,
+    need_src: bool, need_disp: bool, need_target: bool, deterministic: bool,
+) -> list[torch.Tensor]:
+    b, c, h, w = target.shape
+    acc = acc_dtype(src)
+    out = _warp(src, disp, padding)
+    diff = out - target.to(acc)
+    # ∂loss[b]/∂out = sign(out − target) / (C·H·W); 0 where out is NaN (a non-finite δ,
+    # which sends nothing to src), as in the kernel.
+    g = torch.sign(torch.nan_to_num(diff, nan=0.0)) * (grad_loss.to(acc) / max(c * h * w, 1)).view(b, 1, 1, 1)
+    grad_src, grad_disp = _warp_grads(g, src, disp, padding, need_src, need_disp)
+    grad_target = None
+    if need_target:
+        # |NaN − t| has no slope: NaN, as autograd gives for abs at NaN.
+        finite = torch.isfinite(disp).all(dim=1, keepdim=True)
+        grad_target = torch.where(finite, -g, float("nan")).to(target.dtype)
+    return [
+        or_empty(grad_src, src),
+        or_empty(grad_disp.to(disp.dtype) if need_disp else None, disp),
+        or_empty(grad_target, target),
+    ]
+
+
+class _WarpTorch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, src, disp, padding):
+        ctx.save_for_backward(src, disp)
+        ctx.padding = padding
+        return warp_forward(src, disp, padding, True)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        src, disp = ctx.saved_tensors
+        need_src, need_disp = ctx.needs_input_grad[:2]
+        grad_src, grad_disp = warp_backward(grad_out, src, disp, ctx.padding, need_src, need_disp, True)
+        return grad_src if need_src else None, grad_disp if need_disp else None, None
+
+
+def warp_torch(src: torch.Tensor, disp: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
+    """:func:`tcae_kernels.warp` (x − δ, pixels) through this PyTorch fallback, on any device.
+
+    Its src gradient is a ``scatter_add_``: deterministic on CPU.
+    """
+    padding = check_warp_args(src, disp, padding)
+    return _WarpTorch.apply(src, disp, padding)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .checks import check_padding
-from .warp import warp
+from .ops.warp import warp
 
 
 class DisplacementWarp(nn.Module):

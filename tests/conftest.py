@@ -4,9 +4,20 @@ import os
 # tests run the real kernels on CPU tensors through it.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import contextlib  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
+
+from tcae_kernels.ops.launch import INTERPRET, OPS  # noqa: E402
+
+if not INTERPRET and not torch.cuda.is_available():
+    # Every "kernels" case would silently test the PyTorch fallback.
+    raise RuntimeError(
+        "without a GPU the tests run the Triton kernels through the interpreter: TRITON_INTERPRET must be "
+        f"unset or 1, got {os.environ['TRITON_INTERPRET']!r}"
+    )
 
 # "ci" (the default) is fixed-seed and short; HYPOTHESIS_PROFILE=dev searches longer.
 settings.register_profile("ci", max_examples=25, derandomize=True, deadline=None, print_blob=True)
@@ -22,3 +33,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# Each op's PyTorch fallback registered as its CPU kernel (as it is without the
+# interpreter), disabled unless a test asks for it with `fallback_on_cpu`.
+_disabled = contextlib.ExitStack()
+for _op, _fallback in OPS.values():
+    _op.register_kernel("cpu", _fallback)
+    _disabled.enter_context(_op.set_kernel_enabled("cpu", False))
+
+
+@contextlib.contextmanager
+def fallback_on_cpu():
+    """Dispatch every op on CPU to its PyTorch fallback, through torch.library as in production."""
+    with contextlib.ExitStack() as stack:
+        for op, _ in OPS.values():
+            stack.enter_context(op.set_kernel_enabled("cpu", True))
+        yield
+
+
+@pytest.fixture(params=["kernels", "fallback"])
+def path(request):
+    """Run the ops through their Triton kernels (interpreter), or through their PyTorch fallback."""
+    if request.param == "kernels":
+        yield request.param
+    else:
+        with fallback_on_cpu():
+            yield request.param

@@ -11,7 +11,7 @@ from bench import impls
 from bench.__main__ import main
 from bench.harness import OPS, min_bytes
 from tcae_kernels import warp_torch
-from tcae_kernels.warp import INTERPRET
+from tcae_kernels.ops.launch import INTERPRET
 
 # One tiny case per dtype: seconds, interpreter included.
 FAST = ["--quick", "--shapes", "2x3x16x16", "--layouts", "channels_last", "--fields", "rough", "--rep-ms", "1"]

@@ -10,9 +10,11 @@ import torch
 from tcae_kernels import merge_displacements, merged_warp, warp, warp_l1, warp_naive
 from tcae_kernels.nn import DisplacementWarp
 
-from test_warp import DEVICES, TOL, rel_err
+from tcae_kernels.testing import TOLERANCES as TOL
+from tcae_kernels.testing import rel_err
+from test_warp import DEVICES
 
-warp_module = importlib.import_module("tcae_kernels.warp")
+warp_module = importlib.import_module("tcae_kernels.ops.warp")
 PADDINGS = ["zeros", "border"]
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
@@ -46,15 +48,6 @@ def merged_inputs(dtype, device, gen, b=2, c=5, size_in=(9, 10), size=(7, 8), sc
     da, db = (torch.randn(b, 2, *size, generator=gen, dtype=torch.float64) * scale for _ in range(2))
     la, lb = (torch.randn(b, 1, *size, generator=gen, dtype=torch.float64) * 2 for _ in range(2))
     return [src] + [t.to(fd).to(device) for t in (da, db, la, lb)]
-
-
-@pytest.fixture(params=["kernels", "fallback"])
-def path(request, monkeypatch):
-    """Run the fused ops through their kernels, or through their PyTorch fallback."""
-    if request.param == "fallback":
-        for name in ("merged_warp", "warp_l1"):
-            monkeypatch.setattr(importlib.import_module(f"tcae_kernels.{name}"), "uses_triton", lambda t: False)
-    return request.param
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -144,8 +137,16 @@ def test_deterministic_is_accurate_and_order_independent(monkeypatch):
     src, disp, grad = collision_case(gen)
     exact = src_grad(src.double(), disp.double(), grad.double())
     runs = []
-    for block in (32, 64, 1024):
-        monkeypatch.setattr(warp_module, "launch_config", lambda c, block=block: (block, 4, 4))
+    real = warp_module.row_launches
+
+    def with_block(block):
+        def launches(src, b, h, w):
+            _, meta = real(src, b, h, w)
+            return [((-(-w // block), h, b), 0, 0)], {**meta, "BLOCK_X": block, "ROWS": 1}
+        return launches
+
+    for block in (4, 8, 64):
+        monkeypatch.setattr(warp_module, "row_launches", with_block(block))
         runs.append(src_grad(src, disp, grad, deterministic=True))
     for r in runs:
         assert torch.equal(r, runs[0])

@@ -9,7 +9,7 @@ import torch
 
 from tcae_kernels import merged_warp, warp, warp_l1, warp_naive, warp_torch
 
-from test_warp import rel_err
+from tcae_kernels.testing import rel_err
 SIDE = 46341  # SIDE**2 > 2**31
 
 
@@ -62,6 +62,6 @@ def test_64_bit_offset_path(monkeypatch):
 
     narrow = run()
     for name in ("warp", "merged_warp", "warp_l1"):
-        monkeypatch.setattr(importlib.import_module(f"tcae_kernels.{name}"), "needs_int64", lambda *t: True)
+        monkeypatch.setattr(importlib.import_module(f"tcae_kernels.ops.{name}"), "needs_int64", lambda *t: True)
     for a, b in zip(run(), narrow):
         assert rel_err(a, b) <= 1e-6

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from tcae_kernels import merge_displacements, merged_warp, warp, warp_l1, warp_naive
 
-from test_warp import TOL, rel_err
+from tcae_kernels.testing import TOLERANCES as TOL
+from tcae_kernels.testing import rel_err
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = ["contiguous", "channels_last", "transposed", "sliced"]

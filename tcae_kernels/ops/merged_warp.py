@@ -2,36 +2,34 @@
 
     w_a = e^{l_a} / (e^{l_a} + e^{l_b}),   δ = w_a·δ_a + (1 − w_a)·δ_b,   out = T(src, δ)
 
-(SPEC section 6). The merged δ lives only in registers: the kernels read the
-two displacements and two logits once per pixel and never write δ.
+(SPEC section 6; sampling at x − δ, pixels). The merged δ lives only in
+registers: the kernels read the two displacements and two logits once per
+pixel and never write δ.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .checks import check_field, check_tensor, check_warp_args
-from .warp import (
-    backward_channels,
-    disp_grad,
+from .. import fallback
+from ..checks import check_field, check_tensor, check_warp_args
+from .launch import (
+    GradSrc,
+    define_op,
     empty_like_src,
-    finish_grad_src,
     grad_out_bound,
-    grad_src_buffer,
-    launch_config,
-    load_pair,
     needs_int64,
-    pixels,
-    position,
+    or_empty,
     resolve_deterministic,
+    row_launches,
     triton,
-    uses_triton,
-    warp_channels,
-    warp_torch,
 )
 
 if triton is not None:
     import triton.language as tl
+
+    from .sampling import disp_grad, load_pair, position, row_block
+    from .warp import backward_channels, warp_channels
 
     @triton.jit
     def _merge(da_ptr, db_ptr, la_ptr, lb_ptr, b, y, x, H, W, pmask):
@@ -46,8 +44,8 @@ if triton is not None:
         pix = y * W + x
         dax, day = load_pair(da_ptr, b * 2 * hw + pix, hw, pmask, True)
         dbx, dby = load_pair(db_ptr, b * 2 * hw + pix, hw, pmask, True)
-        la = tl.load(la_ptr + b * hw + pix, mask=pmask, other=0.0).to(dax.dtype)
-        lb = tl.load(lb_ptr + b * hw + pix, mask=pmask, other=0.0).to(dax.dtype)
+        la = tl.load(la_ptr + b * hw + pix, mask=pmask, other=0.0).to(tl.float64)
+        lb = tl.load(lb_ptr + b * hw + pix, mask=pmask, other=0.0).to(tl.float64)
         # Subtracting the larger logit keeps exp finite for any finite logits.
         m = tl.maximum(la, lb)
         ea = tl.exp(la - m)
@@ -56,11 +54,13 @@ if triton is not None:
         return dax, day, dbx, dby, wa, wa * dax + (1 - wa) * dbx, wa * day + (1 - wa) * dby
 
     @triton.jit
-    def _arithmetic(ax, ay, F64: tl.constexpr):
+    def _arithmetic(v, F64: tl.constexpr):
         """Per-channel arithmetic runs in float32 unless src is float64."""
         if F64:
-            return ax, ay
-        return ax.to(tl.float32), ay.to(tl.float32)
+            r = v
+        else:
+            r = v.to(tl.float32)
+        return r
 
     @triton.jit
     def _store_field(ptr, v, mask, F64: tl.constexpr):
@@ -74,50 +74,47 @@ if triton is not None:
     @triton.jit
     def _merged_fwd_kernel(
         src_ptr, da_ptr, db_ptr, la_ptr, lb_ptr, out_ptr,
-        N, C, H, W, H_in, W_in,
+        C, H, W, H_in, W_in, yb_base, b_base,
         ss_b, ss_c, ss_h, ss_w,
         so_b, so_c, so_h, so_w,
         BORDER: tl.constexpr, F64: tl.constexpr, IDX64: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
     ):
-        b, y, x, pmask = pixels(tl.program_id(0), N, H, W, IDX64, BLOCK_P)
+        b, y, x, pmask = row_block(W, H, yb_base, b_base, IDX64, BLOCK_X, ROWS)
         _, _, _, _, _, dx, dy = _merge(da_ptr, db_ptr, la_ptr, lb_ptr, b, y, x, H, W, pmask)
-        finite, x0, y0, ax, ay, _, _, m00, m01, m10, m11 = position(
-            b, y, x, dx, dy, H_in, W_in, pmask, BORDER, IDX64
-        )
-        ax, ay = _arithmetic(ax, ay, F64)
+        finite, x0, y0, ax, ay, _, _, m00, m01, m10, m11 = position(y, x, dx, dy, H_in, W_in, pmask, BORDER, IDX64)
         warp_channels(
-            src_ptr, out_ptr, b, y, x, y0, x0, C, ss_b, ss_c, ss_h, ss_w, so_b, so_c, so_h, so_w,
-            finite, ax, ay, m00, m01, m10, m11, pmask, IDX64, BLOCK_C,
+            src_ptr, out_ptr, b * ss_b + y0 * ss_h + x0 * ss_w, b * so_b + y * so_h + x * so_w, C,
+            ss_c, ss_h, ss_w, so_c, finite, _arithmetic(ax, F64), _arithmetic(ay, F64),
+            m00, m01, m10, m11, pmask, IDX64, BLOCK_C,
         )
 
     @triton.jit
     def _merged_bwd_kernel(
         src_ptr, da_ptr, db_ptr, la_ptr, lb_ptr, gout_ptr,
-        gsrc_ptr, gda_ptr, gdb_ptr, gla_ptr, glb_ptr,
-        N, C, H, W, H_in, W_in,
+        gsrc_ptr, gda_ptr, gdb_ptr, gla_ptr, glb_ptr, scale_ptr,
+        C, H, W, H_in, W_in, yb_base, b_base,
         ss_b, ss_c, ss_h, ss_w,
         sg_b, sg_c, sg_h, sg_w,
         sgs_b, sgs_c, sgs_h, sgs_w,
-        fixed_scale,
         NEED_SRC: tl.constexpr, NEED_FIELDS: tl.constexpr, DETERMINISTIC: tl.constexpr,
         BORDER: tl.constexpr, F64: tl.constexpr, IDX64: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
     ):
-        b, y, x, pmask = pixels(tl.program_id(0), N, H, W, IDX64, BLOCK_P)
+        b, y, x, pmask = row_block(W, H, yb_base, b_base, IDX64, BLOCK_X, ROWS)
         dax, day, dbx, dby, wa, dx, dy = _merge(da_ptr, db_ptr, la_ptr, lb_ptr, b, y, x, H, W, pmask)
         finite, x0, y0, ax, ay, gate_x, gate_y, m00, m01, m10, m11 = position(
-            b, y, x, dx, dy, H_in, W_in, pmask, BORDER, IDX64
+            y, x, dx, dy, H_in, W_in, pmask, BORDER, IDX64
         )
-        ax, ay = _arithmetic(ax, ay, F64)
         sum_x, sum_y = backward_channels(
-            src_ptr, gout_ptr, gsrc_ptr, b, y, x, y0, x0, C,
-            ss_b, ss_c, ss_h, ss_w, sg_b, sg_c, sg_h, sg_w, sgs_b, sgs_c, sgs_h, sgs_w,
-            finite, ax, ay, m00, m01, m10, m11, pmask, fixed_scale,
+            src_ptr, gout_ptr, gsrc_ptr,
+            b * ss_b + y0 * ss_h + x0 * ss_w, b * sg_b + y * sg_h + x * sg_w, b * sgs_b + y0 * sgs_h + x0 * sgs_w,
+            C, ss_c, ss_h, ss_w, sg_c, sgs_c, sgs_h, sgs_w,
+            finite, _arithmetic(ax, F64), _arithmetic(ay, F64), m00, m01, m10, m11, pmask, scale_ptr,
             NEED_SRC, NEED_FIELDS, DETERMINISTIC, IDX64, BLOCK_C,
         )
         if NEED_FIELDS:
-            gdx, gdy = disp_grad(sum_x, sum_y, gate_x, gate_y, finite)
+            gdx, gdy = disp_grad(sum_x.to(tl.float64), sum_y.to(tl.float64), gate_x, gate_y, finite)
             # δ = w_a·δ_a + w_b·δ_b with ∂w_a/∂l_a = w_a·w_b = −∂w_a/∂l_b.
             wb = 1 - wa
             gl = wa * wb * (gdx * (dax - dbx) + gdy * (day - dby))
@@ -133,65 +130,66 @@ if triton is not None:
             _store_field(glb_ptr + l_off, -gl, pmask, F64)
 
 
-def _launch_args(src, fields):
-    b, c, h_in, w_in = src.shape
-    _, _, h, w_ = fields[0].shape
-    block_p, block_c, num_warps = launch_config(c)
-    n = b * h * w_
-    meta = dict(F64=src.dtype == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
-    return n, (triton.cdiv(n, block_p),), (n, c, h, w_, h_in, w_in), meta
-
-
-@torch.library.custom_op("tcae_kernels::merged_warp", mutates_args=())
-def _merged_warp_op(
-    src: torch.Tensor, disp_a: torch.Tensor, disp_b: torch.Tensor,
-    logit_a: torch.Tensor, logit_b: torch.Tensor, padding: str, deterministic: bool,
+def _forward(
+    src: torch.Tensor, disp_a: torch.Tensor, disp_b: torch.Tensor, logit_a: torch.Tensor, logit_b: torch.Tensor,
+    padding: str, deterministic: bool,
 ) -> torch.Tensor:
     fields = [t.contiguous() for t in (disp_a, disp_b, logit_a, logit_b)]
-    b, c = src.shape[:2]
-    out = empty_like_src(src, (b, c, disp_a.shape[2], disp_a.shape[3]), src.dtype)
-    n, grid, sizes, meta = _launch_args(src, fields)
-    if n and c:
+    b, c, h_in, w_in = src.shape
+    h, w = disp_a.shape[2:]
+    out = empty_like_src(src, (b, c, h, w))
+    if out.numel() == 0:
+        return out
+    launches, meta = row_launches(src, b, h, w)
+    for grid, yb_base, b_base in launches:
         _merged_fwd_kernel[grid](
-            src, *fields, out, *sizes, *src.stride(), *out.stride(),
-            BORDER=padding == "border", IDX64=needs_int64(src, out, *fields), **meta,
+            src, *fields, out, c, h, w, h_in, w_in, yb_base, b_base, *src.stride(), *out.stride(),
+            BORDER=padding == "border", F64=src.dtype == torch.float64,
+            IDX64=needs_int64(src, out, *fields), **meta,
         )
     return out
 
 
-@_merged_warp_op.register_fake
-def _(src, disp_a, disp_b, logit_a, logit_b, padding, deterministic):
-    return empty_like_src(src, (src.shape[0], src.shape[1], disp_a.shape[2], disp_a.shape[3]), src.dtype)
-
-
-@torch.library.custom_op("tcae_kernels::merged_warp_backward", mutates_args=())
-def _merged_warp_backward_op(
+def _backward(
     grad_out: torch.Tensor, src: torch.Tensor, disp_a: torch.Tensor, disp_b: torch.Tensor,
     logit_a: torch.Tensor, logit_b: torch.Tensor, padding: str,
     need_src: bool, need_fields: bool, deterministic: bool,
 ) -> list[torch.Tensor]:
     fields = [t.contiguous() for t in (disp_a, disp_b, logit_a, logit_b)]
-    bound = grad_out_bound(grad_out) if deterministic and need_src else None
-    gs, scale = grad_src_buffer(src, bound) if need_src else (None, 0.0)
+    b, c, h_in, w_in = src.shape
+    h, w = disp_a.shape[2:]
+    gs = GradSrc(src, grad_out_bound(grad_out) if deterministic else None) if need_src else None
     grads = [torch.empty_like(f) for f in fields] if need_fields else []
-    n, grid, sizes, meta = _launch_args(src, fields)
-    if n and (need_src or need_fields):
-        gs_arg = gs if gs is not None else src
-        _merged_bwd_kernel[grid](
-            src, *fields, grad_out, gs_arg, *(grads or fields),
-            *sizes, *src.stride(), *grad_out.stride(), *gs_arg.stride(), scale,
-            NEED_SRC=need_src, NEED_FIELDS=need_fields, DETERMINISTIC=scale != 0.0,
-            BORDER=padding == "border", IDX64=needs_int64(src, grad_out, gs_arg, *fields), **meta,
-        )
-    grad_src = finish_grad_src(gs, scale, src, bound) if gs is not None else src.new_empty(0)
-    return [grad_src, *grads]
+    if b * h * w and (need_src or need_fields):
+        launches, meta = row_launches(src, b, h, w)
+        # src and the fields stand in for buffers this launch does not touch.
+        gs_buf = gs.buf if gs is not None else src
+        for grid, yb_base, b_base in launches:
+            _merged_bwd_kernel[grid](
+                src, *fields, grad_out, gs_buf, *(grads or fields), gs.scale if gs is not None else src,
+                c, h, w, h_in, w_in, yb_base, b_base,
+                *src.stride(), *grad_out.stride(), *gs_buf.stride(),
+                NEED_SRC=need_src, NEED_FIELDS=need_fields, DETERMINISTIC=gs is not None and gs.deterministic,
+                BORDER=padding == "border", F64=src.dtype == torch.float64,
+                IDX64=needs_int64(src, grad_out, gs_buf, *fields), **meta,
+            )
+    return [or_empty(gs.finish() if gs is not None else None, src), *grads]
 
 
-@_merged_warp_backward_op.register_fake
-def _(grad_out, src, disp_a, disp_b, logit_a, logit_b, padding, need_src, need_fields, deterministic):
-    grad_src = empty_like_src(src, tuple(src.shape), src.dtype) if need_src else src.new_empty(0)
+def _forward_fake(src, disp_a, disp_b, logit_a, logit_b, padding, deterministic):
+    return empty_like_src(src, (src.shape[0], src.shape[1], disp_a.shape[2], disp_a.shape[3]))
+
+
+def _backward_fake(grad_out, src, disp_a, disp_b, logit_a, logit_b, padding, need_src, need_fields, deterministic):
+    grad_src = empty_like_src(src, tuple(src.shape)) if need_src else src.new_empty(0)
     grads = [torch.empty_like(f, memory_format=torch.contiguous_format) for f in (disp_a, disp_b, logit_a, logit_b)]
     return [grad_src, *(grads if need_fields else [])]
+
+
+_merged_warp_op = define_op("merged_warp", _forward, fallback.merged_warp_forward, _forward_fake)
+_merged_warp_backward_op = define_op(
+    "merged_warp_backward", _backward, fallback.merged_warp_backward, _backward_fake
+)
 
 
 def _setup_context(ctx, inputs, output):
@@ -244,6 +242,8 @@ def merged_warp(
 ) -> torch.Tensor:
     """``warp(src, merge_displacements(disp_a, disp_b, logit_a, logit_b), padding)``, fused.
 
+    Samples at x − δ (pixels), like :func:`tcae_kernels.warp`.
+
     Args:
         src: [B, C, H_in, W_in].
         disp_a, disp_b: [B, 2, H, W] displacements in pixels (δx, δy).
@@ -253,14 +253,10 @@ def merged_warp(
 
     Returns [B, C, H, W] in src's dtype, with gradients for all five inputs.
     The four fields share one dtype (src's, or float32 beside half/bfloat16).
-    Without Triton (CPU without the interpreter) the unfused composition runs.
+    The merge is computed in float64 on every path.
     """
     padding = check_warp_args(src, disp_a, padding, disp_name="disp_a")
     check_field("disp_b", disp_b, src, disp_a, 2)
     check_field("logit_a", logit_a, src, disp_a, 1)
     check_field("logit_b", logit_b, src, disp_a, 1)
-    if not uses_triton(src):
-        # In float64, as the kernels merge: a float32 merge rounds δ by ~1e-7 of its size.
-        fields = (t.double() for t in (disp_a, disp_b, logit_a, logit_b))
-        return warp_torch(src.double(), merge_displacements(*fields), padding).to(src.dtype)
     return _merged_warp_op(src, disp_a, disp_b, logit_a, logit_b, padding, resolve_deterministic(deterministic))

@@ -1,0 +1,163 @@
+"""The host side every op shares: dispatch, launch sizing, the src-gradient
+accumulator, result conventions and op registration.
+
+Dispatch: each op is a ``torch.library`` custom op whose default kernel
+launches Triton (CUDA, and CPU under ``TRITON_INTERPRET=1``); on CPU without
+the interpreter the PyTorch fallback is registered as the op's CPU kernel, so
+``torch.export`` sees one node per op on every device.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+try:
+    import triton
+except ImportError:  # no Triton wheel for this platform: the fallback serves every device
+    triton = None
+
+# Triton reads this when a kernel is decorated, so it is fixed at import.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# CUDA's limit on grid dimensions y and z.
+MAX_GRID_YZ = 65535
+
+
+def implementation(device: torch.device | str) -> str:
+    """What runs the warp ops for tensors on ``device``: "triton", "triton-interpreter" or "pytorch"."""
+    device = torch.device(device)
+    if triton is not None and device.type == "cuda":
+        return "triton"
+    if triton is not None and device.type == "cpu" and INTERPRET:
+        return "triton-interpreter"
+    return "pytorch"
+
+
+# name → (custom op, its PyTorch fallback), for tests that run the fallback on CPU.
+OPS: dict[str, tuple[torch.library.CustomOpDef, Callable]] = {}
+
+
+def define_op(name: str, kernels: Callable, fallback: Callable, fake: Callable) -> torch.library.CustomOpDef:
+    """Register ``tcae_kernels::name``: Triton ``kernels`` by default, ``fallback`` on CPU
+    unless the interpreter runs the kernels there (and everywhere without Triton).
+
+    Both implementations take the op's arguments and return the op's tensors;
+    the schema comes from ``kernels``' annotations.
+    """
+    op = torch.library.custom_op(f"tcae_kernels::{name}", mutates_args=())(kernels if triton else fallback)
+    if triton is not None and not INTERPRET:
+        op.register_kernel("cpu", fallback)
+    op.register_fake(fake)
+    OPS[name] = (op, fallback)
+    return op
+
+
+def resolve_deterministic(deterministic: bool | None) -> bool:
+    """An explicit choice wins; otherwise torch's global deterministic mode decides."""
+    return torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)
+
+
+def acc_dtype(src: torch.Tensor) -> torch.dtype:
+    """The arithmetic dtype: float64 stays float64; everything else computes in float32."""
+    return torch.float64 if src.dtype == torch.float64 else torch.float32
+
+
+def memory_format_of(src: torch.Tensor) -> torch.memory_format:
+    """channels_last for a channels_last src, else contiguous: the format of every [B, C, H, W] result."""
+    channels_last = src.is_contiguous(memory_format=torch.channels_last) and not src.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def empty_like_src(src: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A new [B, C, H, W] tensor in src's memory format (channels_last stays channels_last)."""
+    return torch.empty(shape, dtype=dtype or src.dtype, device=src.device, memory_format=memory_format_of(src))
+
+
+def or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """An op returns tensors, never None: an empty one stands for "not needed"."""
+    return t if t is not None else like.new_empty(0)
+
+
+def needs_int64(*tensors: torch.Tensor) -> bool:
+    """Whether any element offset (with a neighbour's step of slack) can pass 2**31 − 1."""
+    limit = (2**31 - 1) // 2
+    for t in tensors:
+        if t.numel() > limit or sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()) if n > 0) > limit:
+            return True
+    return False
+
+
+def row_launches(src: torch.Tensor, b: int, h: int, w: int) -> tuple[list[tuple[tuple[int, int, int], int, int]], dict]:
+    """How a kernel covers the output: one program per BLOCK_X pixels of ROWS rows.
+
+    Returns ([(grid, yb_base, b_base), ...], meta): the grid is (x blocks, row
+    blocks, batch), split into launches at CUDA's 65,535 limit on grid y and
+    z. GPUs get ROWS = 1. NCHW gets BLOCK_C = 1: a plain loop over channels on
+    [BLOCK_X] vectors, four pixels per thread. A channels_last src (channel
+    stride 1) gets a [BLOCK_X, BLOCK_C] tile, so each pixel's channels load as
+    one contiguous run.
+    """
+    c = src.shape[1]
+    block_c = min(triton.next_power_of_2(c), 32) if src.stride(1) == 1 and c > 1 else 1
+    block_x = min(triton.next_power_of_2(max(w, 1)), 1024 // block_c)
+    # Four pixels (or channel slots) per thread: the fewest instructions per
+    # pixel at >= 50 % occupancy in the static profile (bench/static.py).
+    num_warps = max(1, min(8 if block_c == 1 else 4, block_x * block_c // 128))
+    # The interpreter pays per program, not per pixel: several rows each there.
+    rows = min(triton.next_power_of_2(max(h, 1)), max(1, 4096 // (block_x * block_c))) if INTERPRET else 1
+    n_xb, n_yb = triton.cdiv(w, block_x), triton.cdiv(h, rows)
+    launches = [
+        ((n_xb, min(MAX_GRID_YZ, n_yb - y0), min(MAX_GRID_YZ, b - b0)), y0, b0)
+        for b0 in range(0, b, MAX_GRID_YZ)
+        for y0 in range(0, n_yb, MAX_GRID_YZ)
+    ]
+    return launches, dict(BLOCK_X=block_x, BLOCK_C=block_c, ROWS=rows, num_warps=num_warps)
+
+
+class GradSrc:
+    """The ∂L/∂src accumulator of a backward launch: float atomics, or int64 fixed point.
+
+    Float mode accumulates in the arithmetic dtype (half and bfloat16 are cast
+    once at the end). Deterministic mode holds int64 multiples of 1/scale, with
+    scale the power of two that keeps a sum of magnitude ``bound`` (the most
+    any one src element can receive) within 2**62: each contribution is
+    rounded to bound · 2**-62, and integer addition gives the same bits in any
+    order. The bound and scale stay on the device: no host sync.
+    """
+
+    def __init__(self, src: torch.Tensor, bound: torch.Tensor | None) -> None:
+        self.src = src
+        self.bound = bound
+        if bound is None:
+            self.buf = empty_like_src(src, tuple(src.shape), acc_dtype(src)).zero_()
+            self.scale = self.buf  # never read: the kernel's DETERMINISTIC is off
+        else:
+            self.buf = empty_like_src(src, tuple(src.shape), torch.int64).zero_()
+            exponent = 62 - torch.ceil(torch.log2(bound.double()))
+            exponent = torch.where(torch.isfinite(exponent), exponent, 0.0).clamp(-100, 100)
+            self.scale = torch.exp2(exponent).to(acc_dtype(src)).reshape(1)
+
+    @property
+    def deterministic(self) -> bool:
+        return self.bound is not None
+
+    def finish(self) -> torch.Tensor:
+        """The accumulator as ∂L/∂src in src's dtype."""
+        if self.bound is None:
+            return self.buf.to(self.src.dtype)
+        grad = self.buf.to(acc_dtype(self.src)) / self.scale
+        # Integers cannot carry NaN or ±Inf: a non-finite ∂L/∂out makes the whole gradient NaN.
+        return torch.where(torch.isfinite(self.bound), grad, float("nan")).to(self.src.dtype)
+
+
+def grad_out_bound(grad_out: torch.Tensor) -> torch.Tensor:
+    """The largest Σ|grad_out| over the pixels of one (b, c): what one src element can
+    receive, as a 0-d tensor on grad_out's device (one read of grad_out, no host sync)."""
+    if grad_out.numel() == 0:
+        return grad_out.new_zeros((), dtype=torch.float64)
+    # Half sums would overflow: accumulate in float32 at least.
+    dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(grad_out.detach(), ord=1, dim=(2, 3), dtype=dtype).amax()

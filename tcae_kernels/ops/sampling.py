@@ -1,0 +1,230 @@
+"""The ``@triton.jit`` helpers every warp kernel is built from (SPEC sections 1–2).
+
+A program owns BLOCK_X consecutive output pixels of one row (b, y), named by
+its program ids: no division anywhere. Each pixel's position,
+neighbours and weights are formed once, then a loop walks the channels. With
+BLOCK_C == 1 (NCHW) every value is a [BLOCK_X] vector, a few pixels per
+thread; with BLOCK_C > 1 (channels_last) a [BLOCK_X, BLOCK_C] tile, whose
+channel loads are contiguous.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def row_block(W, H, yb_base, b_base, IDX64: tl.constexpr, BLOCK_X: tl.constexpr, ROWS: tl.constexpr):
+    """(b, y, x, mask) of this program: BLOCK_X pixels of ROWS output rows of batch element b.
+
+    The grid is (x blocks, row blocks, batch), so no program divides: b and
+    the row come straight from the program ids (plus the bases of a launch
+    split at CUDA's 65,535 limit on grid y and z). GPUs run ROWS = 1, where y
+    is one scalar per program; the interpreter, which pays per program, takes
+    several rows at once (a power-of-two split of a flat range: shifts, not
+    divisions).
+    """
+    xb = tl.program_id(0)
+    yb = tl.program_id(1) + yb_base
+    b = tl.program_id(2) + b_base
+    if IDX64:
+        xb = xb.to(tl.int64)
+        yb = yb.to(tl.int64)
+        b = b.to(tl.int64)
+    if ROWS == 1:
+        x = xb * BLOCK_X + tl.arange(0, BLOCK_X)
+        y = yb
+        mask = x < W
+    else:
+        p = tl.arange(0, ROWS * BLOCK_X)
+        x = xb * BLOCK_X + p % BLOCK_X
+        y = yb * ROWS + p // BLOCK_X
+        mask = (x < W) & (y < H)
+    return b, y, x, mask
+
+
+@triton.jit
+def load_pair(ptr, off, stride_c, mask, F64: tl.constexpr):
+    """Channels 0 and 1 of a per-pixel field (δ) in the arithmetic dtype."""
+    a = tl.load(ptr + off, mask=mask, other=0.0)
+    b = tl.load(ptr + off + stride_c, mask=mask, other=0.0)
+    if F64:
+        a = a.to(tl.float64)
+        b = b.to(tl.float64)
+    else:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return a, b
+
+
+@triton.jit
+def _axis(coord, d, size, BORDER: tl.constexpr):
+    """One axis of the position coord − d: left neighbour i0, right weight a, gradient gate.
+
+    The weight is (coord − i0) − d, not (coord − d) − i0: both subtractions
+    are exact for δ of a few pixels, so a float32 position keeps full
+    precision however far it lies from the origin. Positions are clamped in
+    floating point before any integer is formed, so no δ can overflow into
+    an in-bounds index.
+    """
+    t = coord - d
+    if BORDER:
+        lo = 0.0
+        hi = size - 1.0
+    else:
+        lo = -2.0
+        hi = size + 1.0
+    # Bounds are tested on d, exactly: t itself may have rounded onto one.
+    inside = (d >= coord - hi) & (d <= coord - lo)
+    tc = tl.minimum(tl.maximum(t, lo), hi)
+    i0 = tl.floor(tc)
+    a = tl.where(inside, (coord - i0) - d, tc - i0)
+    # t was rounded: it may sit on the integer just above its true floor.
+    below = a < 0
+    i0 = tl.where(below, i0 - 1.0, i0)
+    a = tl.where(below, a + 1.0, a)
+    if BORDER:
+        gate = (d < coord) & (d > coord - hi)
+    else:
+        gate = inside | True
+    return i0, a, gate
+
+
+@triton.jit
+def position(y, x, dx, dy, H_in, W_in, pmask, BORDER: tl.constexpr, IDX64: tl.constexpr):
+    """Where each pixel samples: neighbour validity, weights, gates and δ's finiteness.
+
+    Returns (finite, x0, y0, ax, ay, gate_x, gate_y, m00, m01, m10, m11):
+    (x0, y0) is the upper-left neighbour, ax and ay the weights of the right
+    and lower ones (in δ's dtype), mYX whether neighbour (y0 + Y, x0 + X) lies
+    in src. A non-finite δ samples at the pixel itself; callers overwrite its
+    results with NaN.
+    """
+    xf = x.to(dx.dtype)
+    yf = y.to(dy.dtype)
+    finite = (tl.abs(dx) < float("inf")) & (tl.abs(dy) < float("inf"))
+    x0f, ax, gate_x = _axis(xf, tl.where(finite, dx, xf), W_in, BORDER)
+    y0f, ay, gate_y = _axis(yf, tl.where(finite, dy, yf), H_in, BORDER)
+    if IDX64:
+        x0 = x0f.to(tl.int64)
+        y0 = y0f.to(tl.int64)
+        unsigned: tl.constexpr = tl.uint64
+    else:
+        x0 = x0f.to(tl.int32)
+        y0 = y0f.to(tl.int32)
+        unsigned: tl.constexpr = tl.uint32
+    # One unsigned compare tests both ends: a negative index wraps past any size.
+    vx0 = x0.to(unsigned, bitcast=True) < W_in
+    vx1 = (x0 + 1).to(unsigned, bitcast=True) < W_in
+    vy0 = (y0.to(unsigned, bitcast=True) < H_in) & pmask
+    vy1 = ((y0 + 1).to(unsigned, bitcast=True) < H_in) & pmask
+    return finite, x0, y0, ax, ay, gate_x, gate_y, vy0 & vx0, vy0 & vx1, vy1 & vx0, vy1 & vx1
+
+
+@triton.jit
+def channel_offsets(pix, c0, stride_c, IDX64: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Offsets of channels c0 … c0 + BLOCK_C − 1 at per-pixel offsets ``pix``.
+
+    BLOCK_C == 1 keeps [BLOCK_X] vectors; otherwise a [BLOCK_X, BLOCK_C] tile.
+    """
+    if BLOCK_C == 1:
+        if IDX64:
+            off = pix + tl.cast(c0, tl.int64) * stride_c
+        else:
+            off = pix + c0 * stride_c
+    else:
+        c = c0 + tl.arange(0, BLOCK_C)
+        if IDX64:
+            c = c.to(tl.int64)
+        off = pix[:, None] + (c * stride_c)[None, :]
+    return off
+
+
+@triton.jit
+def channel_mask(c0, C, mask, BLOCK_C: tl.constexpr):
+    """Which elements of a channel tile exist (the loop bound already masks BLOCK_C == 1)."""
+    if BLOCK_C == 1:
+        m = mask
+    else:
+        m = mask[:, None] & ((c0 + tl.arange(0, BLOCK_C)) < C)[None, :]
+    return m
+
+
+@triton.jit
+def per_channel(v, BLOCK_C: tl.constexpr):
+    """A per-pixel vector shaped to combine with a channel tile."""
+    if BLOCK_C == 1:
+        return v
+    else:
+        return v[:, None]
+
+
+@triton.jit
+def sum_channels(v, BLOCK_C: tl.constexpr):
+    """A channel tile summed over its channels, per pixel."""
+    if BLOCK_C == 1:
+        return v
+    else:
+        return tl.sum(v, axis=1)
+
+
+@triton.jit
+def load_neighbours(ptr, off, s_h, s_w, m00, m01, m10, m11, cm, dtype: tl.constexpr, BLOCK_C: tl.constexpr):
+    """src at the four neighbours of one channel tile, in ``dtype`` (0 outside src)."""
+    v00 = tl.load(ptr + off, mask=per_channel(m00, BLOCK_C) & cm, other=0.0).to(dtype)
+    v01 = tl.load(ptr + off + s_w, mask=per_channel(m01, BLOCK_C) & cm, other=0.0).to(dtype)
+    v10 = tl.load(ptr + off + s_h, mask=per_channel(m10, BLOCK_C) & cm, other=0.0).to(dtype)
+    v11 = tl.load(ptr + off + s_h + s_w, mask=per_channel(m11, BLOCK_C) & cm, other=0.0).to(dtype)
+    return v00, v01, v10, v11
+
+
+@triton.jit
+def interpolate(v00, v01, v10, v11, ax, ay):
+    top = v00 + ax * (v01 - v00)
+    bottom = v10 + ax * (v11 - v10)
+    return top + ay * (bottom - top)
+
+
+@triton.jit
+def position_grad(g, v00, v01, v10, v11, ax, ay, BLOCK_C: tl.constexpr):
+    """Σ_c g · ∂out/∂x̂ and Σ_c g · ∂out/∂ŷ per pixel (SPEC section 2)."""
+    top = v01 - v00
+    bottom = v11 - v10
+    gx = sum_channels(g * (top + ay * (bottom - top)), BLOCK_C)
+    left = v10 - v00
+    right = v11 - v01
+    gy = sum_channels(g * (left + ax * (right - left)), BLOCK_C)
+    return gx, gy
+
+
+@triton.jit
+def disp_grad(sum_x, sum_y, gate_x, gate_y, finite):
+    """∂L/∂δ from the position sums: ∂x̂/∂δx = −1, gated, NaN for a non-finite δ."""
+    gdx = tl.where(finite, tl.where(gate_x, -sum_x, 0.0), float("nan"))
+    gdy = tl.where(finite, tl.where(gate_y, -sum_y, 0.0), float("nan"))
+    return gdx, gdy
+
+
+@triton.jit
+def _scatter_one(ptr, v, mask, fixed_scale, DETERMINISTIC: tl.constexpr):
+    # Relaxed: the adds need no ordering, and acq_rel would fence every one.
+    if DETERMINISTIC:
+        # Integer addition is associative: the sum is the same in any order.
+        tl.atomic_add(ptr, tl.floor(v * fixed_scale + 0.5).to(tl.int64), mask=mask, sem="relaxed")
+    else:
+        tl.atomic_add(ptr, v, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def scatter_neighbours(
+    ptr, off, s_h, s_w, g, ax, ay, m00, m01, m10, m11, cm, fixed_scale,
+    DETERMINISTIC: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """∂L/∂src += g · weight at each in-bounds neighbour (one channel tile)."""
+    gb = g * (1 - ay)
+    gt = g - gb
+    _scatter_one(ptr + off, gb - gb * ax, per_channel(m00, BLOCK_C) & cm, fixed_scale, DETERMINISTIC)
+    _scatter_one(ptr + off + s_w, gb * ax, per_channel(m01, BLOCK_C) & cm, fixed_scale, DETERMINISTIC)
+    _scatter_one(ptr + off + s_h, gt - gt * ax, per_channel(m10, BLOCK_C) & cm, fixed_scale, DETERMINISTIC)
+    _scatter_one(ptr + off + s_h + s_w, gt * ax, per_channel(m11, BLOCK_C) & cm, fixed_scale, DETERMINISTIC)
