@@ -55,6 +55,17 @@ def define_op(name: str, kernels: Callable, fallback: Callable, fake: Callable) 
     return op
 
 
+def saving_inputs(n_tensors: int) -> Callable:
+    """The autograd ``setup_context`` of an op whose first ``n_tensors`` inputs are tensors
+    and whose last two are ``padding`` and ``deterministic``."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:n_tensors])
+        ctx.padding, ctx.deterministic = inputs[n_tensors:]
+
+    return setup_context
+
+
 def resolve_deterministic(deterministic: bool | None) -> bool:
     """An explicit choice wins; otherwise torch's global deterministic mode decides."""
     return torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)

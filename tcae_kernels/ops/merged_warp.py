@@ -22,6 +22,7 @@ from .launch import (
     or_empty,
     resolve_deterministic,
     row_launches,
+    saving_inputs,
     triton,
 )
 
@@ -192,13 +193,6 @@ _merged_warp_backward_op = define_op(
 )
 
 
-def _setup_context(ctx, inputs, output):
-    src, disp_a, disp_b, logit_a, logit_b, padding, deterministic = inputs
-    ctx.save_for_backward(src, disp_a, disp_b, logit_a, logit_b)
-    ctx.padding = padding
-    ctx.deterministic = deterministic
-
-
 def _backward_rule(ctx, grad_out):
     src, *fields = ctx.saved_tensors
     need_src = ctx.needs_input_grad[0]
@@ -210,7 +204,7 @@ def _backward_rule(ctx, grad_out):
     return (grad_src if need_src else None, *grads, None, None)
 
 
-_merged_warp_op.register_autograd(_backward_rule, setup_context=_setup_context)
+_merged_warp_op.register_autograd(_backward_rule, setup_context=saving_inputs(5))
 
 
 def merge_displacements(

@@ -28,6 +28,7 @@ from .launch import (
     or_empty,
     resolve_deterministic,
     row_launches,
+    saving_inputs,
     triton,
 )
 
@@ -217,13 +218,6 @@ _warp_op = define_op("warp", _forward, fallback.warp_forward, _forward_fake)
 _warp_backward_op = define_op("warp_backward", _backward, fallback.warp_backward, _backward_fake)
 
 
-def _setup_context(ctx, inputs, output):
-    src, disp, padding, deterministic = inputs
-    ctx.save_for_backward(src, disp)
-    ctx.padding = padding
-    ctx.deterministic = deterministic
-
-
 def _backward_rule(ctx, grad_out):
     src, disp = ctx.saved_tensors
     need_src, need_disp = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -231,7 +225,7 @@ def _backward_rule(ctx, grad_out):
     return (grad_src if need_src else None, grad_disp if need_disp else None, None, None)
 
 
-_warp_op.register_autograd(_backward_rule, setup_context=_setup_context)
+_warp_op.register_autograd(_backward_rule, setup_context=saving_inputs(2))
 
 
 def warp(

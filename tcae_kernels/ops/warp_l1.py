@@ -24,6 +24,7 @@ from .launch import (
     or_empty,
     resolve_deterministic,
     row_launches,
+    saving_inputs,
     triton,
 )
 
@@ -48,6 +49,19 @@ if triton is not None:
     )
 
     @triton.jit
+    def _residual(
+        src_ptr, tgt_ptr, src_pix, tgt_pix, c0, C, ss_c, ss_h, ss_w, st_c,
+        axc, ayc, m00, m01, m10, m11, pmask, IDX64: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """One channel tile: the four neighbours, T(src, δ) − target, and the tile's mask."""
+        s_off = channel_offsets(src_pix, c0, ss_c, IDX64, BLOCK_C)
+        cm = channel_mask(c0, C, pmask, BLOCK_C)
+        t_off = channel_offsets(tgt_pix, c0, st_c, IDX64, BLOCK_C)
+        v00, v01, v10, v11 = load_neighbours(src_ptr, s_off, ss_h, ss_w, m00, m01, m10, m11, cm, axc.dtype, BLOCK_C)
+        t = tl.load(tgt_ptr + t_off, mask=cm, other=0.0).to(axc.dtype)
+        return v00, v01, v10, v11, interpolate(v00, v01, v10, v11, axc, ayc) - t, cm
+
+    @triton.jit
     def _warp_l1_fwd_kernel(
         src_ptr, disp_ptr, tgt_ptr, part_ptr,
         C, H, W, H_in, W_in, yb_base, b_base,
@@ -67,13 +81,12 @@ if triton is not None:
         bad = per_channel(finite == 0, BLOCK_C)
         total = tl.zeros_like(ax)
         for c0 in range(0, C, BLOCK_C):
-            s_off = channel_offsets(src_pix, c0, ss_c, IDX64, BLOCK_C)
-            cm = channel_mask(c0, C, pmask, BLOCK_C)
-            t_off = channel_offsets(tgt_pix, c0, st_c, IDX64, BLOCK_C)
-            v00, v01, v10, v11 = load_neighbours(src_ptr, s_off, ss_h, ss_w, m00, m01, m10, m11, cm, ax.dtype, BLOCK_C)
-            t = tl.load(tgt_ptr + t_off, mask=cm, other=0.0).to(ax.dtype)
-            val = tl.where(bad, float("nan"), interpolate(v00, v01, v10, v11, axc, ayc))
-            total += sum_channels(tl.where(cm, tl.abs(val - t), 0.0), BLOCK_C)
+            v00, v01, v10, v11, diff, cm = _residual(
+                src_ptr, tgt_ptr, src_pix, tgt_pix, c0, C, ss_c, ss_h, ss_w, st_c,
+                axc, ayc, m00, m01, m10, m11, pmask, IDX64, BLOCK_C,
+            )
+            diff = tl.where(bad, float("nan"), diff)
+            total += sum_channels(tl.where(cm, tl.abs(diff), 0.0), BLOCK_C)
         n_xb = tl.num_programs(0)
         yb = tl.program_id(1) + yb_base
         tl.store(part_ptr + (b * tl.cdiv(H, ROWS) + yb) * n_xb + tl.program_id(0), tl.sum(total, axis=0))
@@ -113,12 +126,10 @@ if triton is not None:
         sum_x = tl.zeros_like(ax)
         sum_y = tl.zeros_like(ay)
         for c0 in range(0, C, BLOCK_C):
-            s_off = channel_offsets(src_pix, c0, ss_c, IDX64, BLOCK_C)
-            cm = channel_mask(c0, C, pmask, BLOCK_C)
-            t_off = channel_offsets(tgt_pix, c0, st_c, IDX64, BLOCK_C)
-            v00, v01, v10, v11 = load_neighbours(src_ptr, s_off, ss_h, ss_w, m00, m01, m10, m11, cm, ax.dtype, BLOCK_C)
-            t = tl.load(tgt_ptr + t_off, mask=cm, other=0.0).to(ax.dtype)
-            diff = interpolate(v00, v01, v10, v11, axc, ayc) - t
+            v00, v01, v10, v11, diff, cm = _residual(
+                src_ptr, tgt_ptr, src_pix, tgt_pix, c0, C, ss_c, ss_h, ss_w, st_c,
+                axc, ayc, m00, m01, m10, m11, pmask, IDX64, BLOCK_C,
+            )
             g = tl.where(diff > 0, g_b, tl.where(diff < 0, -g_b, 0.0))
             g = tl.where(cm, g, 0.0)
             if NEED_DISP:
@@ -218,13 +229,6 @@ _warp_l1_op = define_op("warp_l1", _forward, fallback.warp_l1_forward, _forward_
 _warp_l1_backward_op = define_op("warp_l1_backward", _backward, fallback.warp_l1_backward, _backward_fake)
 
 
-def _setup_context(ctx, inputs, output):
-    src, disp, target, padding, deterministic = inputs
-    ctx.save_for_backward(src, disp, target)
-    ctx.padding = padding
-    ctx.deterministic = deterministic
-
-
 def _backward_rule(ctx, grad_loss):
     src, disp, target = ctx.saved_tensors
     need = ctx.needs_input_grad[:3]
@@ -232,7 +236,7 @@ def _backward_rule(ctx, grad_loss):
     return (*(g if n else None for g, n in zip(grads, need)), None, None)
 
 
-_warp_l1_op.register_autograd(_backward_rule, setup_context=_setup_context)
+_warp_l1_op.register_autograd(_backward_rule, setup_context=saving_inputs(3))
 
 
 def warp_l1(
