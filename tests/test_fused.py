@@ -232,3 +232,18 @@ def test_module_wrapper():
     assert "border" in repr(m)
     with pytest.raises(ValueError, match="padding"):
         DisplacementWarp("mirror")
+
+
+def test_path_fixture_dispatches_where_it_says(path, monkeypatch):
+    """"kernels" launches Triton (interpreted) for every op; "fallback" launches nothing."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches = []
+    real = InterpretedFunction.run
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *a, **k: launches.append(self) or real(self, *a, **k))
+    gen = torch.Generator().manual_seed(4)
+    src, da, db, la, lb = merged_inputs(torch.float32, "cpu", gen, size_in=(7, 8))
+    for fn in (lambda: warp(src, da), lambda: merged_warp(src, da, db, la, lb), lambda: warp_l1(src, da, src)):
+        launches.clear()
+        fn()
+        assert (len(launches) == 1) == (path == "kernels")

@@ -1,10 +1,10 @@
 """The host side every op shares: dispatch, launch sizing, the src-gradient
 accumulator, result conventions and op registration.
 
-Dispatch: each op is a ``torch.library`` custom op whose default kernel
-launches Triton (CUDA, and CPU under ``TRITON_INTERPRET=1``); on CPU without
-the interpreter the PyTorch fallback is registered as the op's CPU kernel, so
-``torch.export`` sees one node per op on every device.
+Dispatch: each op is a ``torch.library`` custom op whose default kernel is
+the PyTorch fallback, with the Triton launcher registered as its CUDA kernel
+(and CPU kernel under ``TRITON_INTERPRET=1``), so ``torch.export`` sees one
+node per op on every device.
 """
 
 from __future__ import annotations
@@ -36,22 +36,24 @@ def implementation(device: torch.device | str) -> str:
     return "pytorch"
 
 
-# name → (custom op, its PyTorch fallback), for tests that run the fallback on CPU.
-OPS: dict[str, tuple[torch.library.CustomOpDef, Callable]] = {}
+# Every op by name (tests switch their CPU kernels off to run the fallback).
+OPS: dict[str, torch.library.CustomOpDef] = {}
 
 
 def define_op(name: str, kernels: Callable, fallback: Callable, fake: Callable) -> torch.library.CustomOpDef:
-    """Register ``tcae_kernels::name``: Triton ``kernels`` by default, ``fallback`` on CPU
-    unless the interpreter runs the kernels there (and everywhere without Triton).
+    """Register ``tcae_kernels::name``: ``fallback`` on every device, Triton ``kernels``
+    on CUDA (and on CPU when the interpreter runs them).
 
     Both implementations take the op's arguments and return the op's tensors;
-    the schema comes from ``kernels``' annotations.
+    the schema comes from ``fallback``'s annotations.
     """
-    op = torch.library.custom_op(f"tcae_kernels::{name}", mutates_args=())(kernels if triton else fallback)
-    if triton is not None and not INTERPRET:
-        op.register_kernel("cpu", fallback)
+    op = torch.library.custom_op(f"tcae_kernels::{name}", mutates_args=())(fallback)
+    if triton is not None:
+        op.register_kernel("cuda", kernels)
+        if INTERPRET:
+            op.register_kernel("cpu", kernels)
     op.register_fake(fake)
-    OPS[name] = (op, fallback)
+    OPS[name] = op
     return op
 
 
