@@ -228,3 +228,68 @@ def scatter_neighbours(
     _scatter_one(ptr + off + s_w, gb * ax, per_channel(m01, BLOCK_C) & cm, fixed_scale, DETERMINISTIC)
     _scatter_one(ptr + off + s_h, gt - gt * ax, per_channel(m10, BLOCK_C) & cm, fixed_scale, DETERMINISTIC)
     _scatter_one(ptr + off + s_h + s_w, gt * ax, per_channel(m11, BLOCK_C) & cm, fixed_scale, DETERMINISTIC)
+
+
+@triton.jit
+def warp_channels(
+    src_ptr, out_ptr, src_pix, out_pix, C, ss_c, ss_h, ss_w, so_c,
+    finite, ax, ay, m00, m01, m10, m11, pmask,
+    IDX64: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out at one block of pixels whose positions are known: every forward's channel loop."""
+    axc = per_channel(ax, BLOCK_C)
+    ayc = per_channel(ay, BLOCK_C)
+    bad = per_channel(finite == 0, BLOCK_C)
+    for c0 in range(0, C, BLOCK_C):
+        s_off = channel_offsets(src_pix, c0, ss_c, IDX64, BLOCK_C)
+        cm = channel_mask(c0, C, pmask, BLOCK_C)
+        o_off = channel_offsets(out_pix, c0, so_c, IDX64, BLOCK_C)
+        v00, v01, v10, v11 = load_neighbours(src_ptr, s_off, ss_h, ss_w, m00, m01, m10, m11, cm, ax.dtype, BLOCK_C)
+        val = tl.where(bad, float("nan"), interpolate(v00, v01, v10, v11, axc, ayc))
+        tl.store(out_ptr + o_off, val.to(out_ptr.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def backward_channels(
+    src_ptr, gout_ptr, gsrc_ptr, src_pix, gout_pix, gsrc_pix, C,
+    ss_c, ss_h, ss_w, sg_c, sgs_c, sgs_h, sgs_w,
+    finite, ax, ay, m00, m01, m10, m11, pmask, scale_ptr,
+    NEED_SRC: tl.constexpr, NEED_POS: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    IDX64: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The channel loop of a backward from ∂L/∂out (g).
+
+    Scatters ∂L/∂src when NEED_SRC; returns Σ_c g·∂out/∂x̂ and Σ_c g·∂out/∂ŷ
+    per pixel (zeros unless NEED_POS).
+    """
+    axc = per_channel(ax, BLOCK_C)
+    ayc = per_channel(ay, BLOCK_C)
+    sum_x = tl.zeros_like(ax)
+    sum_y = tl.zeros_like(ay)
+    fixed_scale = 0.0
+    if DETERMINISTIC:
+        fixed_scale = tl.load(scale_ptr)
+    # A non-finite δ has no position, so it sends nothing to src.
+    s00 = m00 & finite
+    s01 = m01 & finite
+    s10 = m10 & finite
+    s11 = m11 & finite
+    for c0 in range(0, C, BLOCK_C):
+        g_off = channel_offsets(gout_pix, c0, sg_c, IDX64, BLOCK_C)
+        cm = channel_mask(c0, C, pmask, BLOCK_C)
+        g = tl.load(gout_ptr + g_off, mask=cm, other=0.0).to(ax.dtype)
+        if NEED_POS:
+            s_off = channel_offsets(src_pix, c0, ss_c, IDX64, BLOCK_C)
+            v00, v01, v10, v11 = load_neighbours(
+                src_ptr, s_off, ss_h, ss_w, m00, m01, m10, m11, cm, ax.dtype, BLOCK_C
+            )
+            px, py = position_grad(g, v00, v01, v10, v11, axc, ayc, BLOCK_C)
+            sum_x += px
+            sum_y += py
+        if NEED_SRC:
+            gs_off = channel_offsets(gsrc_pix, c0, sgs_c, IDX64, BLOCK_C)
+            scatter_neighbours(
+                gsrc_ptr, gs_off, sgs_h, sgs_w, g, axc, ayc, s00, s01, s10, s11, cm,
+                fixed_scale, DETERMINISTIC, BLOCK_C,
+            )
+    return sum_x, sum_y
