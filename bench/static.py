@@ -64,12 +64,11 @@ def min_bytes(op: str, direction: str, needs, shape, s: int, d: int) -> int:
     n, m = b * h * w, b * h * w  # the benchmark warps an image onto a grid of its own size
     fields = 6 if op == "merged_warp" else 2  # δ (2 channels), or δ_a, δ_b and two logits
     if direction == "fwd":
-        total = fields * n * d + m * c * s + n * c * s  # warp_l1: target read instead of out written
-        return total
+        return fields * n * d + m * c * s + n * c * s  # warp_l1: target read instead of out written
     need_src, need_disp = needs[0], needs[1]
     total = n * c * s + fields * n * d  # ∂L/∂out (warp_l1: target) and the fields, read
-    if need_disp or op == "warp":
-        total += m * c * s  # src read at the neighbours
+    if need_disp or op == "warp_l1":
+        total += m * c * s  # src read at the neighbours (warp_l1 needs out − target's sign)
     if need_disp:
         total += fields * n * d
     if need_src:
@@ -149,7 +148,8 @@ def int_divisions(ptx: str) -> int:
 
 
 def profile(op, direction, needs, det, label, shape_name, dtype, layout) -> list[dict]:
-    shape = aot.SHAPES.get(shape_name) or SHAPES[shape_name]
+    """One record per kernel the launcher runs for this case (one, for every op here)."""
+    shape = SHAPES[shape_name]
     case = {"variant": (op, direction, needs, det), "dtype": dtype, "layout": layout, "padding": "zeros",
             "idx64": False, "shape": shape}
     records = []
@@ -217,7 +217,7 @@ def _widths(counts: dict) -> str:
 def table(records: list[dict]) -> str:
     head = ("| op | variant | kernel | dtype | layout | shape | regs | spill | smem | occ | warps×tile | loads | "
             "stores | atomics | div | bar | instr/px | issue µs | DRAM µs |")
-    lines = [head, "|" + "---|" * head.count("|")[:-1] if False else "|" + "---|" * (head.count("|") - 1)]
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
         if not r["compiled"]:
             lines.append(f"| {r['op']} | {r['variant']} | {r['kernel']} | {r['dtype']} | {r['layout']} | "
