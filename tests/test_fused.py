@@ -159,25 +159,60 @@ def test_deterministic_is_accurate_and_order_independent(monkeypatch):
         torch.use_deterministic_algorithms(False)
 
 
-@pytest.mark.parametrize("op", ["warp", "merged_warp", "warp_l1"])
-def test_deterministic_repeats_bitwise(op):
-    gen = torch.Generator().manual_seed(10)
-    src, disp, grad = collision_case(gen)
+def tiles_of(monkeypatch, block):
+    """Make every op's launcher cover the output in one-row tiles of ``block`` pixels. The
+    interpreter runs programs x block first, so the order in which a source pixel's
+    contributions arrive changes with the tiling: float atomics would change their bits."""
+    launch = importlib.import_module("tcae_kernels.ops.launch")
+    for name in ("warp", "merged_warp", "warp_l1"):
 
-    def once():
-        s = src.clone().requires_grad_()
-        if op == "warp":
-            warp(s, disp, deterministic=True).backward(grad)
-        elif op == "merged_warp":
-            logits = torch.zeros(2, 1, 16, 16)
-            merged_warp(s, disp, -disp, logits, logits + 1, deterministic=True).backward(grad)
+        def launches(src, b, h, w):
+            _, meta = launch.row_launches(src, b, h, w)
+            return [((-(-w // block), h, b), 0, 0)], {**meta, "BLOCK_X": block, "ROWS": 1}
+
+        monkeypatch.setattr(importlib.import_module(f"tcae_kernels.ops.{name}"), "row_launches", launches)
+
+
+def op_src_grad(op, src, disp, grad, padding, reference=False, **kw):
+    """∂L/∂src of one op (or of its float64 reference composition) on the collision case;
+    for warp_l1, ``grad`` is the target."""
+    s = src.clone().requires_grad_()
+    fields = (disp, -disp.flip(2), disp[:, :1] / 3, -disp[:, :1] / 3)
+    if op == "warp":
+        out = warp_naive(s, disp, padding) if reference else warp(s, disp, padding, **kw)
+        out.backward(grad)
+    elif op == "merged_warp":
+        if reference:
+            out = warp_naive(s, merge_displacements(*fields), padding)
         else:
-            warp_l1(s, disp, grad, deterministic=True).sum().backward()
-        return s.grad
+            out = merged_warp(s, *fields, padding, **kw)
+        out.backward(grad)
+    else:
+        if reference:
+            loss = (warp_naive(s, disp, padding) - grad).abs().flatten(1).mean(dim=1)
+        else:
+            loss = warp_l1(s, disp, grad, "none", padding, **kw)
+        loss.sum().backward()
+    return s.grad
 
-    first = once()
-    assert first.abs().sum() > 0
-    assert torch.equal(once(), first)
+
+@pytest.mark.parametrize("op", ["warp", "merged_warp", "warp_l1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_deterministic_src_grad_is_accurate_and_order_free(monkeypatch, op, dtype, padding):
+    """Deterministic ∂L/∂src: the same bits whatever the program order, and within SPEC's
+    tolerance of the float64 reference (fixed point keeps float64's precision too)."""
+    gen = torch.Generator().manual_seed(10)
+    src, disp, grad = collision_case(gen, dtype)
+    if op == "warp_l1":
+        grad = grad * 2  # a target the warped image crosses: the residual takes both signs
+    exact = op_src_grad(op, src.double(), disp.double(), grad.double(), padding, reference=True)
+    whole = op_src_grad(op, src, disp, grad, padding, deterministic=True)  # the interpreter's one program
+    tiles_of(monkeypatch, 8)
+    tiled = op_src_grad(op, src, disp, grad, padding, deterministic=True)
+    assert whole.abs().sum() > 0
+    assert torch.equal(tiled, whole)
+    assert rel_err(whole, exact) <= TOL[dtype][1]
 
 
 def test_deterministic_non_finite_grad_gives_nan():

@@ -65,3 +65,15 @@ def test_64_bit_offset_path(monkeypatch):
         monkeypatch.setattr(importlib.import_module(f"tcae_kernels.ops.{name}"), "needs_int64", lambda *t: True)
     for a, b in zip(run(), narrow):
         assert rel_err(a, b) <= 1e-6
+
+
+def test_needs_int64_switches_where_offsets_pass_2_31():
+    """Shapes only (meta tensors): more elements, or a reachable offset, than int32 holds."""
+    needs_int64 = importlib.import_module("tcae_kernels.ops.launch").needs_int64
+    assert not needs_int64(torch.empty(64, 3, 256, 256, device="meta"))
+    assert not needs_int64(torch.empty(2**20, 2**9, device="meta"))  # 2**29 elements: offsets fit
+    assert needs_int64(torch.empty(2**31, device="meta"))
+    assert needs_int64(torch.empty(1, device="meta").expand(2**31))  # stride 0, still 2**31 elements
+    # Few elements, far apart: offsets up to 2**31 (one neighbour's step of slack included).
+    assert needs_int64(torch.empty(1, device="meta").as_strided((2, 2), (2**30, 1)))
+    assert not needs_int64(torch.empty(1, device="meta").as_strided((2, 2), (2**20, 1)))

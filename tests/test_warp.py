@@ -95,6 +95,21 @@ def test_gpu_launch_configuration(monkeypatch, layout, padding, dtype, shape):
     check_against_reference(warp, src, disp, padding, gen)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_border_gate_tested_on_exact_position(impl):
+    """A δ of 2⁻³⁰ px puts x̂ a hair inside the border; in float32, x − δ rounds onto it.
+    The gate must see the true position: δ keeps its gradient there (as the float64 reference)."""
+    src = torch.arange(12.0).reshape(1, 2, 1, 6) ** 2  # the slope differs at each edge
+    disp = torch.zeros(1, 2, 1, 6)
+    disp[0, 0, 0, 5] = 2.0**-30  # x̂ = 5 − 2⁻³⁰: just inside the right border
+    disp[0, 0, 0, 0] = -(2.0**-30)  # x̂ = 2⁻³⁰: just inside the left border
+    grad_out = torch.ones(1, 2, 1, 6)
+    _, _, gd = run(IMPLS[impl], src, disp, "border", grad_out)
+    _, _, ref_gd = reference(src, disp, "border", grad_out)
+    assert ref_gd[0, 0, 0, 5] != 0 and ref_gd[0, 0, 0, 0] != 0
+    assert torch.allclose(gd.double(), ref_gd, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_half_src_with_float32_disp(device, impl):
