@@ -284,3 +284,20 @@ def test_path_fixture_dispatches_where_it_says(path, monkeypatch):
         launches.clear()
         fn()
         assert (len(launches) == 1) == (path == "kernels")
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_merged_warp_infinite_logit_takes_the_limit(path, padding):
+    """An infinite logit gives its displacement all the weight (the softmax's limit), on both paths."""
+    gen = torch.Generator().manual_seed(14)
+    src, da, db, la, lb = merged_inputs(torch.float32, "cpu", gen)
+    la[0, 0, 1, 2], lb[1, 0, 3, 4] = float("inf"), float("inf")
+    la[0, 0, 5, 5] = -float("inf")
+    fields = [t.clone().requires_grad_() for t in (da, db, la, lb)]
+    out = merged_warp(src, *fields, padding=padding)
+    expected = warp_naive(src.double(), merge_displacements(*(f.detach().double() for f in fields)), padding)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, expected) <= TOL[torch.float32][0]
+    out.sum().backward()
+    assert all(torch.isfinite(f.grad).all() for f in fields)
+    assert fields[2].grad[0, 0, 1, 2] == 0 and fields[1].grad[0, :, 1, 2].abs().sum() == 0

@@ -46,11 +46,9 @@ if triton is not None:
         dbx, dby = load_pair(db_ptr, b * 2 * hw + pix, hw, pmask, True)
         la = tl.load(la_ptr + b * hw + pix, mask=pmask, other=0.0).to(tl.float64)
         lb = tl.load(lb_ptr + b * hw + pix, mask=pmask, other=0.0).to(tl.float64)
-        # Subtracting the larger logit keeps exp finite for any finite logits.
-        m = tl.maximum(la, lb)
-        ea = tl.exp(la - m)
-        eb = tl.exp(lb - m)
-        wa = ea / (ea + eb)
+        # The softmax of two as a sigmoid: exp may overflow to inf (weight 0), and an
+        # infinite logit takes its limit (weight 1 or 0), as torch.sigmoid does.
+        wa = 1.0 / (1.0 + tl.exp(lb - la))
         return dax, day, dbx, dby, wa, wa * dax + (1 - wa) * dbx, wa * day + (1 - wa) * dby
 
     @triton.jit
