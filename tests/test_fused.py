@@ -216,12 +216,34 @@ def test_deterministic_src_grad_is_accurate_and_order_free(monkeypatch, op, dtyp
 
 
 def test_deterministic_non_finite_grad_gives_nan():
-    """The kernels' fixed point cannot carry ±Inf: the whole ∂L/∂src is NaN (on the GPU when
-    there is one, where CPU tensors run the fallback)."""
+    """The kernels' fixed point cannot carry ±Inf: the (b, c) plane that received one is NaN,
+    the others exact (on the GPU when there is one, where CPU tensors run the fallback)."""
     gen = torch.Generator().manual_seed(12)
     src, disp, grad = (t.to(DEVICES[-1]) for t in collision_case(gen))
+    clean = src_grad(src, disp, grad, deterministic=True)
     grad[0, 0, 0, 0] = float("inf")
-    assert torch.isnan(src_grad(src, disp, grad, deterministic=True)).all()
+    poisoned = src_grad(src, disp, grad, deterministic=True)
+    assert torch.isnan(poisoned[0, 0]).all()
+    assert torch.equal(poisoned[1], clean[1]) and torch.equal(poisoned[0, 1:], clean[0, 1:])
+
+
+@pytest.mark.parametrize("op", ["warp", "merged_warp", "warp_l1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("factor", [1e-30, 1e30])
+def test_deterministic_src_grad_at_extreme_magnitudes(op, dtype, factor):
+    """Fixed point keeps its precision for any finite gradient size (README: rounded to
+    bound·2⁻⁶²): scaling ∂L/∂out scales ∂L/∂src, to SPEC's tolerance."""
+    gen = torch.Generator().manual_seed(13)
+    src, disp, grad = collision_case(gen, dtype)
+    scale = torch.tensor(factor, dtype=dtype)
+    if op == "warp_l1":  # its ∂L/∂out is ∂loss/∂loss[b] = 1, scaled
+        s = src.clone().requires_grad_()
+        (warp_l1(s, disp, grad * 2, padding="border", deterministic=True) * scale).sum().backward()
+        scaled = s.grad
+    else:
+        scaled = op_src_grad(op, src, disp, grad * scale, "border", deterministic=True)
+    plain = op_src_grad(op, src, disp, grad * 2 if op == "warp_l1" else grad, "border", deterministic=True)
+    assert rel_err(scaled / scale, plain) <= TOL[dtype][1]
 
 
 class _Model(torch.nn.Module):

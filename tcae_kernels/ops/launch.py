@@ -134,11 +134,13 @@ class GradSrc:
     """The ∂L/∂src accumulator of a backward launch: float atomics, or int64 fixed point.
 
     Float mode accumulates in the arithmetic dtype (half and bfloat16 are cast
-    once at the end). Deterministic mode holds int64 multiples of 1/scale, with
-    scale the power of two that keeps a sum of magnitude ``bound`` (the most
-    any one src element can receive) within 2**62: each contribution is
-    rounded to bound · 2**-62, and integer addition gives the same bits in any
-    order. The bound and scale stay on the device: no host sync.
+    once at the end). Deterministic mode holds, for each (b, c) plane, int64
+    multiples of 1/scale, with scale the power of two that keeps a sum of
+    magnitude ``bound[b, c]`` (the most one element of that plane can receive)
+    within 2**62: each contribution is rounded to bound · 2**-62, and integer
+    addition gives the same bits in any order. The scale is passed as two
+    factors, so that it may pass float32's range (a bound of 1e-30, or 1e30
+    in float64). Bound and scale stay on the device: no host sync.
     """
 
     def __init__(self, src: torch.Tensor, bound: torch.Tensor | None) -> None:
@@ -150,8 +152,10 @@ class GradSrc:
         else:
             self.buf = empty_like_src(src, tuple(src.shape), torch.int64).zero_()
             exponent = 62 - torch.ceil(torch.log2(bound.double()))
-            exponent = torch.where(torch.isfinite(exponent), exponent, 0.0).clamp(-100, 100)
-            self.scale = torch.exp2(exponent).to(acc_dtype(src)).reshape(1)
+            # A plane receiving nothing (bound 0) or non-finite values: any scale will do.
+            exponent = torch.where(torch.isfinite(exponent), exponent, 0.0)
+            half = torch.floor(exponent / 2)
+            self.scale = torch.stack((torch.exp2(half), torch.exp2(exponent - half)), dim=-1).to(acc_dtype(src))
 
     @property
     def deterministic(self) -> bool:
@@ -161,16 +165,15 @@ class GradSrc:
         """The accumulator as ∂L/∂src in src's dtype."""
         if self.bound is None:
             return self.buf.to(self.src.dtype)
-        grad = self.buf.to(acc_dtype(self.src)) / self.scale
-        # Integers cannot carry NaN or ±Inf: a non-finite ∂L/∂out makes the whole gradient NaN.
-        return torch.where(torch.isfinite(self.bound), grad, float("nan")).to(self.src.dtype)
+        s0, s1 = (self.scale[..., k, None, None] for k in (0, 1))
+        grad = self.buf.to(acc_dtype(self.src)) / s0 / s1
+        # Integers cannot carry NaN or ±Inf: a plane that received one is NaN.
+        return torch.where(torch.isfinite(self.bound)[..., None, None], grad, float("nan")).to(self.src.dtype)
 
 
 def grad_out_bound(grad_out: torch.Tensor) -> torch.Tensor:
-    """The largest Σ|grad_out| over the pixels of one (b, c): what one src element can
-    receive, as a 0-d tensor on grad_out's device (one read of grad_out, no host sync)."""
-    if grad_out.numel() == 0:
-        return grad_out.new_zeros((), dtype=torch.float64)
+    """Σ|grad_out| over the pixels of each (b, c), [B, C]: what one element of src's plane
+    (b, c) can receive, on grad_out's device (one read of grad_out, no host sync)."""
     # Half sums would overflow: accumulate in float32 at least.
     dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(grad_out.detach(), ord=1, dim=(2, 3), dtype=dtype).amax()
+    return torch.linalg.vector_norm(grad_out.detach(), ord=1, dim=(2, 3), dtype=dtype)

@@ -108,7 +108,7 @@ if triton is not None:
             src_ptr, gout_ptr, gsrc_ptr,
             b * ss_b + y0 * ss_h + x0 * ss_w, b * sg_b + y * sg_h + x * sg_w, b * sgs_b + y0 * sgs_h + x0 * sgs_w,
             C, ss_c, ss_h, ss_w, sg_c, sgs_c, sgs_h, sgs_w,
-            finite, _arithmetic(ax, F64), _arithmetic(ay, F64), m00, m01, m10, m11, pmask, scale_ptr,
+            finite, _arithmetic(ax, F64), _arithmetic(ay, F64), m00, m01, m10, m11, pmask, scale_ptr, b,
             NEED_SRC, NEED_FIELDS, DETERMINISTIC, IDX64, BLOCK_C,
         )
         if NEED_FIELDS:

@@ -207,27 +207,47 @@ def disp_grad(sum_x, sum_y, gate_x, gate_y, finite):
 
 
 @triton.jit
-def _scatter_one(ptr, v, mask, fixed_scale, DETERMINISTIC: tl.constexpr):
+def fixed_point_scale(scale_ptr, b, c0, C, BLOCK_C: tl.constexpr):
+    """The fixed-point scale of planes (b, c0 …) as two factors, each within float32's
+    range, whose product may not be (deterministic mode; see launch.GradSrc)."""
+    if BLOCK_C == 1:
+        p = scale_ptr + (b * C + c0) * 2
+        s0 = tl.load(p)
+        s1 = tl.load(p + 1)
+    else:
+        c = c0 + tl.arange(0, BLOCK_C)
+        p = scale_ptr + (b * C + c) * 2
+        s0 = tl.load(p, mask=c < C, other=1.0)[None, :]
+        s1 = tl.load(p + 1, mask=c < C, other=1.0)[None, :]
+    return s0, s1
+
+
+@triton.jit
+def _scatter_one(ptr, v, mask, s0, s1, DETERMINISTIC: tl.constexpr):
     # Relaxed: the adds need no ordering, and acq_rel would fence every one.
     if DETERMINISTIC:
         # Integer addition is associative: the sum is the same in any order.
-        tl.atomic_add(ptr, tl.floor(v * fixed_scale + 0.5).to(tl.int64), mask=mask, sem="relaxed")
+        tl.atomic_add(ptr, tl.floor(v * s0 * s1 + 0.5).to(tl.int64), mask=mask, sem="relaxed")
     else:
         tl.atomic_add(ptr, v, mask=mask, sem="relaxed")
 
 
 @triton.jit
 def scatter_neighbours(
-    ptr, off, s_h, s_w, g, ax, ay, m00, m01, m10, m11, cm, fixed_scale,
+    ptr, off, s_h, s_w, g, ax, ay, m00, m01, m10, m11, cm, scale_ptr, b, c0, C,
     DETERMINISTIC: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """∂L/∂src += g · weight at each in-bounds neighbour (one channel tile)."""
+    """∂L/∂src += g · weight at each in-bounds neighbour (one channel tile of batch element b)."""
+    s0 = 1.0
+    s1 = 1.0
+    if DETERMINISTIC:
+        s0, s1 = fixed_point_scale(scale_ptr, b, c0, C, BLOCK_C)
     gb = g * (1 - ay)
     gt = g - gb
-    _scatter_one(ptr + off, gb - gb * ax, per_channel(m00, BLOCK_C) & cm, fixed_scale, DETERMINISTIC)
-    _scatter_one(ptr + off + s_w, gb * ax, per_channel(m01, BLOCK_C) & cm, fixed_scale, DETERMINISTIC)
-    _scatter_one(ptr + off + s_h, gt - gt * ax, per_channel(m10, BLOCK_C) & cm, fixed_scale, DETERMINISTIC)
-    _scatter_one(ptr + off + s_h + s_w, gt * ax, per_channel(m11, BLOCK_C) & cm, fixed_scale, DETERMINISTIC)
+    _scatter_one(ptr + off, gb - gb * ax, per_channel(m00, BLOCK_C) & cm, s0, s1, DETERMINISTIC)
+    _scatter_one(ptr + off + s_w, gb * ax, per_channel(m01, BLOCK_C) & cm, s0, s1, DETERMINISTIC)
+    _scatter_one(ptr + off + s_h, gt - gt * ax, per_channel(m10, BLOCK_C) & cm, s0, s1, DETERMINISTIC)
+    _scatter_one(ptr + off + s_h + s_w, gt * ax, per_channel(m11, BLOCK_C) & cm, s0, s1, DETERMINISTIC)
 
 
 @triton.jit
@@ -253,11 +273,11 @@ def warp_channels(
 def backward_channels(
     src_ptr, gout_ptr, gsrc_ptr, src_pix, gout_pix, gsrc_pix, C,
     ss_c, ss_h, ss_w, sg_c, sgs_c, sgs_h, sgs_w,
-    finite, ax, ay, m00, m01, m10, m11, pmask, scale_ptr,
+    finite, ax, ay, m00, m01, m10, m11, pmask, scale_ptr, b,
     NEED_SRC: tl.constexpr, NEED_POS: tl.constexpr, DETERMINISTIC: tl.constexpr,
     IDX64: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """The channel loop of a backward from ∂L/∂out (g).
+    """The channel loop of a backward from ∂L/∂out (g), for pixels of batch element b.
 
     Scatters ∂L/∂src when NEED_SRC; returns Σ_c g·∂out/∂x̂ and Σ_c g·∂out/∂ŷ
     per pixel (zeros unless NEED_POS).
@@ -266,9 +286,6 @@ def backward_channels(
     ayc = per_channel(ay, BLOCK_C)
     sum_x = tl.zeros_like(ax)
     sum_y = tl.zeros_like(ay)
-    fixed_scale = 0.0
-    if DETERMINISTIC:
-        fixed_scale = tl.load(scale_ptr)
     # A non-finite δ has no position, so it sends nothing to src.
     s00 = m00 & finite
     s01 = m01 & finite
@@ -290,6 +307,6 @@ def backward_channels(
             gs_off = channel_offsets(gsrc_pix, c0, sgs_c, IDX64, BLOCK_C)
             scatter_neighbours(
                 gsrc_ptr, gs_off, sgs_h, sgs_w, g, axc, ayc, s00, s01, s10, s11, cm,
-                fixed_scale, DETERMINISTIC, BLOCK_C,
+                scale_ptr, b, c0, C, DETERMINISTIC, BLOCK_C,
             )
     return sum_x, sum_y

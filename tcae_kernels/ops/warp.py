@@ -77,7 +77,7 @@ if triton is not None:
             src_ptr, gout_ptr, gsrc_ptr,
             b * ss_b + y0 * ss_h + x0 * ss_w, b * sg_b + y * sg_h + x * sg_w, b * sgs_b + y0 * sgs_h + x0 * sgs_w,
             C, ss_c, ss_h, ss_w, sg_c, sgs_c, sgs_h, sgs_w,
-            finite, ax, ay, m00, m01, m10, m11, pmask, scale_ptr,
+            finite, ax, ay, m00, m01, m10, m11, pmask, scale_ptr, b,
             NEED_SRC, NEED_DISP, DETERMINISTIC, IDX64, BLOCK_C,
         )
         if NEED_DISP:

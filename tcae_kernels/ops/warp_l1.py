@@ -120,9 +120,6 @@ if triton is not None:
         axc = per_channel(ax, BLOCK_C)
         ayc = per_channel(ay, BLOCK_C)
         bad = per_channel(finite == 0, BLOCK_C)
-        fixed_scale = 0.0
-        if DETERMINISTIC:
-            fixed_scale = tl.load(scale_ptr)
         sum_x = tl.zeros_like(ax)
         sum_y = tl.zeros_like(ay)
         for c0 in range(0, C, BLOCK_C):
@@ -142,7 +139,7 @@ if triton is not None:
                 scatter_neighbours(
                     gsrc_ptr, gs_off, sgs_h, sgs_w, g, axc, ayc,
                     m00 & finite, m01 & finite, m10 & finite, m11 & finite, cm,
-                    fixed_scale, DETERMINISTIC, BLOCK_C,
+                    scale_ptr, b, c0, C, DETERMINISTIC, BLOCK_C,
                 )
             if NEED_TARGET:
                 gt_off = channel_offsets(gtgt_pix, c0, sgt_c, IDX64, BLOCK_C)
@@ -183,7 +180,7 @@ def _backward(
     h, w = disp.shape[2:]
     count = c * h * w
     # Each src element receives at most Σ over its (b, c) of |∂loss/∂out| = |grad_loss[b]| / C.
-    bound = grad_loss.detach().abs().amax() / max(c, 1) if deterministic and b else None
+    bound = (grad_loss.detach().abs() / max(c, 1))[:, None].expand(b, c) if deterministic else None
     gs = GradSrc(src, bound) if need_src else None
     # Every element is written by the kernel, unless there is nothing to launch over.
     new = torch.empty_like if count else torch.zeros_like
