@@ -78,23 +78,33 @@ def kernels_or_none() -> SimpleNamespace | None:
     return None
 
 
-def _jit(fn):
+def _jit(fn=None, **options):
     """Serial, GIL-free machine code, cached on disk (or per process where no cache directory is writable)."""
+    if fn is None:
+        return lambda f: _jit(f, **options)
     try:
-        return njit(cache=True, nogil=True, fastmath=False, error_model="numpy")(fn)
+        return njit(cache=True, nogil=True, fastmath=False, error_model="numpy", **options)(fn)
     except RuntimeError:  # numba: "cannot cache function ...: no locator available for file"
-        return njit(cache=False, nogil=True, fastmath=False, error_model="numpy")(fn)
+        return njit(cache=False, nogil=True, fastmath=False, error_model="numpy", **options)(fn)
 
 
-# Typed constants come from array dtypes (a.dtype.type(1)): numba would widen
-# float32 arithmetic with a Python literal to float64. Offsets into src are
-# uint64 so that indexing carries no negative-index wraparound, which keeps the
-# per-row loops vectorizable. A row scratch (see _scratch) holds, per output
-# pixel of one row: off [4, W] src offsets of the neighbours 00 01 10 11
-# (clamped into src), wts [4, W] their bilinear weights (0 outside src or at a
-# non-finite δ), idx [4, W] the clamped x0, x1, y0, y1, axw [8, W] the axis
-# weights wx0 wx1 wy0 wy1 (0 outside) and in-bounds masks mx0 mx1 my0 my1 (as
-# 0/1), flags [3, W] gate_x, gate_y, finite.
+# How the kernels are written, and why:
+# - Typed constants come from array dtypes (a.dtype.type(1)): numba would widen
+#   float32 arithmetic with a Python literal to float64.
+# - Each output row is processed in short loops over its pixels that LLVM
+#   vectorizes: first the positions into a row scratch, then one loop per
+#   channel. A loop that stores into more than ~10 arrays is left scalar by
+#   LLVM (too many runtime alias checks), hence several small loops.
+# - Offsets are uint64: numba adds a negative-index wraparound to signed
+#   indices, which turns contiguous loads into slow gathers.
+# A row scratch (see _scratch) holds for each pixel x of the row: off[n][x],
+# the offset in src of neighbour n (00, 01, 10, 11: (y0, x0), (y0, x1), ...),
+# clamped into src; wts[n][x], its bilinear weight (0 outside src and at a
+# non-finite δ); axw[k][x], the slopes of the four weights along x̂ (k < 4) and
+# along ŷ (k ≥ 4), for ∂L/∂δ; flags[k][x]: gate_x, gate_y,
+# finite. Reading a clamped neighbour with weight 0 instead of skipping it is
+# what the float64 reference and the eager fallback do too (it differs only
+# for a non-finite src value next to the border).
 if numba is not None:
 
     @_jit
@@ -125,36 +135,98 @@ if numba is not None:
         gate = (d < coord and d > coord - hi) if border else True
         return int(i0), a, gate
 
-    @_jit
+    @_jit(inline="always")
     def _scratch(w, like):
-        """Per-row scratch for W pixels, float arrays in like's dtype (layout above)."""
+        """A row scratch for W pixels (layout above), floats in like's dtype."""
+        f = like.dtype
         return (
-            np.empty((4, w), np.uint64), np.empty((4, w), like.dtype), np.empty((4, w), np.int32),
-            np.empty((8, w), like.dtype), np.empty((3, w), np.bool_),
+            (np.empty(w, np.uint64), np.empty(w, np.uint64), np.empty(w, np.uint64), np.empty(w, np.uint64)),
+            (np.empty(w, f), np.empty(w, f), np.empty(w, f), np.empty(w, f)),
+            (np.empty(w, f), np.empty(w, f), np.empty(w, f), np.empty(w, f),
+             np.empty(w, f), np.empty(w, f), np.empty(w, f), np.empty(w, f)),
+            (np.empty(w, np.bool_), np.empty(w, np.bool_), np.empty(w, np.bool_)),
         )
 
     @_jit
-    def _row_positions(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, s_h, s_w, scratch):
-        """Where the pixels of one output row sample: δ of pixel x is (dsx[ox + x], dsy[oy + x]).
+    def _coords(w, like):
+        """0 … W − 1 in like's dtype (the position dtype)."""
+        xs = np.empty(w, like.dtype)
+        for x in range(w):
+            xs[x] = like.dtype.type(x)
+        return xs
 
-        xs holds the x coordinates and yf the row's y in the position dtype (δ's).
+    @_jit
+    def _clamp_bounds(like, w_in, h_in, border):
+        """(lo_x, hi_x, lo_y, hi_y) in like's dtype (the position dtype)."""
+        t = like.dtype.type
+        lo_x, hi_x = _bounds(t(w_in), border, t(1))
+        lo_y, hi_y = _bounds(t(h_in), border, t(1))
+        return lo_x, hi_x, lo_y, hi_y
+
+    @_jit(inline="always")
+    def _row_positions(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, s_h, s_w, scratch):
+        """off, wts and finite of one output row; δ of pixel x is (dsx[ox + x], dsy[oy + x]).
+
+        xs holds the x coordinates, yf the row's y, both in δ's dtype (the
+        position dtype); s_h, s_w: src's strides.
         """
-        off, wts, idx, axw, flags = scratch
+        off, wts, _, flags = scratch
         lo_x, hi_x, lo_y, hi_y = bounds
         one = xs.dtype.type(1)
         zero = one - one
         us_h = np.uint64(s_h)
         us_w = np.uint64(s_w)
+        uox = np.uint64(ox)
+        uoy = np.uint64(oy)
         for x in range(xs.shape[0]):
-            dx = dsx[ox + x]
-            dy = dsy[oy + x]
+            dx = dsx[uox + np.uint64(x)]
+            dy = dsy[uoy + np.uint64(x)]
             xf = xs[x]
             f = (dx - dx == zero) and (dy - dy == zero)
             # A non-finite δ samples at its own pixel with zero weights; callers write NaN.
             dx = dx if f else xf
             dy = dy if f else yf
-            x0, ax, gx = _axis(xf, dx, lo_x, hi_x, border, one)
-            y0, ay, gy = _axis(yf, dy, lo_y, hi_y, border, one)
+            x0, ax, _ = _axis(xf, dx, lo_x, hi_x, border, one)
+            y0, ay, _ = _axis(yf, dy, lo_y, hi_y, border, one)
+            wx0 = one - ax if x0 >= 0 and x0 < w_in and f else zero
+            wx1 = ax if x0 >= -1 and x0 < w_in - 1 and f else zero
+            wy0 = one - ay if y0 >= 0 and y0 < h_in and f else zero
+            wy1 = ay if y0 >= -1 and y0 < h_in - 1 and f else zero
+            cx0 = np.uint64(min(max(x0, 0), w_in - 1)) * us_w
+            cx1 = np.uint64(min(max(x0 + 1, 0), w_in - 1)) * us_w
+            cy0 = np.uint64(min(max(y0, 0), h_in - 1)) * us_h
+            cy1 = np.uint64(min(max(y0 + 1, 0), h_in - 1)) * us_h
+            off[0][x] = cy0 + cx0
+            off[1][x] = cy0 + cx1
+            off[2][x] = cy1 + cx0
+            off[3][x] = cy1 + cx1
+            wts[0][x] = wy0 * wx0
+            wts[1][x] = wy0 * wx1
+            wts[2][x] = wy1 * wx0
+            wts[3][x] = wy1 * wx1
+            flags[2][x] = f
+
+    @_jit(inline="always")
+    def _row_gradient_terms(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, scratch):
+        """The slopes axw and the gates of one output row (arguments as _row_positions): what ∂L/∂δ needs."""
+        _, _, axw, flags = scratch
+        lo_x, hi_x, lo_y, hi_y = bounds
+        one = xs.dtype.type(1)
+        zero = one - one
+        uox = np.uint64(ox)
+        uoy = np.uint64(oy)
+        for x in range(xs.shape[0]):
+            dx = dsx[uox + np.uint64(x)]
+            dy = dsy[uoy + np.uint64(x)]
+            f = (dx - dx == zero) and (dy - dy == zero)
+            flags[0][x] = _axis(xs[x], dx if f else xs[x], lo_x, hi_x, border, one)[2]
+            flags[1][x] = _axis(yf, dy if f else yf, lo_y, hi_y, border, one)[2]
+        for x in range(xs.shape[0]):
+            dx = dsx[uox + np.uint64(x)]
+            dy = dsy[uoy + np.uint64(x)]
+            f = (dx - dx == zero) and (dy - dy == zero)
+            x0, ax, _ = _axis(xs[x], dx if f else xs[x], lo_x, hi_x, border, one)
+            y0, ay, _ = _axis(yf, dy if f else yf, lo_y, hi_y, border, one)
             vx0 = x0 >= 0 and x0 < w_in
             vx1 = x0 >= -1 and x0 < w_in - 1
             vy0 = y0 >= 0 and y0 < h_in
@@ -163,90 +235,73 @@ if numba is not None:
             wx1 = ax if vx1 and f else zero
             wy0 = one - ay if vy0 and f else zero
             wy1 = ay if vy1 and f else zero
-            cx0 = min(max(x0, 0), w_in - 1)
-            cx1 = min(max(x0 + 1, 0), w_in - 1)
-            cy0 = min(max(y0, 0), h_in - 1)
-            cy1 = min(max(y0 + 1, 0), h_in - 1)
-            off[0, x] = np.uint64(cy0) * us_h + np.uint64(cx0) * us_w
-            off[1, x] = np.uint64(cy0) * us_h + np.uint64(cx1) * us_w
-            off[2, x] = np.uint64(cy1) * us_h + np.uint64(cx0) * us_w
-            off[3, x] = np.uint64(cy1) * us_h + np.uint64(cx1) * us_w
-            wts[0, x] = wy0 * wx0
-            wts[1, x] = wy0 * wx1
-            wts[2, x] = wy1 * wx0
-            wts[3, x] = wy1 * wx1
-            idx[0, x] = cx0
-            idx[1, x] = cx1
-            idx[2, x] = cy0
-            idx[3, x] = cy1
-            axw[0, x] = wx0
-            axw[1, x] = wx1
-            axw[2, x] = wy0
-            axw[3, x] = wy1
-            axw[4, x] = one if vx0 else zero
-            axw[5, x] = one if vx1 else zero
-            axw[6, x] = one if vy0 else zero
-            axw[7, x] = one if vy1 else zero
-            flags[0, x] = gx
-            flags[1, x] = gy
-            flags[2, x] = f
+            # ∂wts[n]/∂x̂ and ∂wts[n]/∂ŷ: the slopes of the zero-filled bilinear interpolation.
+            axw[0][x] = -wy0 if vx0 else zero
+            axw[1][x] = wy0 if vx1 else zero
+            axw[2][x] = -wy1 if vx0 else zero
+            axw[3][x] = wy1 if vx1 else zero
+            axw[4][x] = -wx0 if vy0 else zero
+            axw[5][x] = -wx1 if vy0 else zero
+            axw[6][x] = wx0 if vy1 else zero
+            axw[7][x] = wx1 if vy1 else zero
 
-    @_jit
-    def _coords(w, like):
-        """0 … W − 1 in like's dtype."""
-        xs = np.empty(w, like.dtype)
-        for x in range(w):
-            xs[x] = like.dtype.type(x)
-        return xs
 
-    @_jit
-    def _warp_bounds(like, w_in, h_in, border):
-        t = like.dtype.type
-        lo_x, hi_x = _bounds(t(w_in), border, t(1))
-        lo_y, hi_y = _bounds(t(h_in), border, t(1))
-        return lo_x, hi_x, lo_y, hi_y
-
-    @_jit
+    @_jit(inline="always")
     def _interpolate_row(src, base, off, wts, out, ob, os_w, w):
-        """out[ob + x·os_w] = Σ_n wts[n, x] · src[base + off[n, x]] for one channel of one row."""
+        """out[ob + x·os_w] = Σ_n wts[n][x] · src[base + off[n][x]]: one channel of one row."""
         for x in range(w):
-            out[ob + np.uint64(x) * os_w] = (wts[0, x] * src[base + off[0, x]] + wts[1, x] * src[base + off[1, x]]) + (
-                wts[2, x] * src[base + off[2, x]] + wts[3, x] * src[base + off[3, x]]
+            out[ob + np.uint64(x) * os_w] = (wts[0][x] * src[base + off[0][x]] + wts[1][x] * src[base + off[1][x]]) + (
+                wts[2][x] * src[base + off[2][x]] + wts[3][x] * src[base + off[3][x]]
             )
 
     @_jit
-    def _nan_where_not_finite(out, ob, os_c, os_w, c_, fin):
-        for x in range(fin.shape[0]):
-            if not fin[x]:
+    def _nan_where_not_finite(out, ob, os_c, os_w, c_, finite):
+        for x in range(finite.shape[0]):
+            if not finite[x]:
                 for c in range(c_):
                     out[ob + c * os_c + x * os_w] = np.nan
 
-    @_jit
-    def _position_sums(src, base, off, axw, g, gb, g_w, sums, w):
-        """sums[0, x] += g · ∂out/∂x̂, sums[1, x] += g · ∂out/∂ŷ for one channel of one row (SPEC section 2).
+    @_jit(inline="always")
+    def _position_sums(src, sb, s_c, off, axw, g, gb, g_c, g_w, c_, sums, w):
+        """sums[0, x] = Σ_c g·∂out/∂x̂ and sums[1, x] = Σ_c g·∂out/∂ŷ over one row (SPEC section 2).
 
-        With zero-filled neighbours outside src: ∂out/∂x̂ = wy0(v01 − v00) + wy1(v11 − v10),
-        the masks (axw[4:8]) playing the zero fill.
+        ∂out/∂x̂ = Σ_n axw[n][x]·v_n, ∂out/∂ŷ = Σ_n axw[4 + n][x]·v_n over the
+        neighbours' values v_n. Channels innermost, in order: each pixel's
+        slopes are loaded once.
         """
+        zero = sums.dtype.type(0)
         for x in range(w):
-            gv = g[gb + np.uint64(x) * g_w]
-            v00 = src[base + off[0, x]]
-            v01 = src[base + off[1, x]]
-            v10 = src[base + off[2, x]]
-            v11 = src[base + off[3, x]]
-            sums[0, x] += gv * (axw[2, x] * (axw[5, x] * v01 - axw[4, x] * v00)
-                                + axw[3, x] * (axw[5, x] * v11 - axw[4, x] * v10))
-            sums[1, x] += gv * (axw[0, x] * (axw[7, x] * v10 - axw[6, x] * v00)
-                                + axw[1, x] * (axw[7, x] * v11 - axw[6, x] * v01))
+            p0 = sb + off[0][x]
+            p1 = sb + off[1][x]
+            p2 = sb + off[2][x]
+            p3 = sb + off[3][x]
+            kx0, kx1, kx2, kx3 = axw[0][x], axw[1][x], axw[2][x], axw[3][x]
+            ky0, ky1, ky2, ky3 = axw[4][x], axw[5][x], axw[6][x], axw[7][x]
+            gp = gb + np.uint64(x) * g_w
+            sx = zero
+            sy = zero
+            for c in range(c_):
+                cs = np.uint64(c) * s_c
+                v00 = src[p0 + cs]
+                v01 = src[p1 + cs]
+                v10 = src[p2 + cs]
+                v11 = src[p3 + cs]
+                gv = g[gp + np.uint64(c) * g_c]
+                sx += gv * ((kx0 * v00 + kx1 * v01) + (kx2 * v10 + kx3 * v11))
+                sy += gv * ((ky0 * v00 + ky1 * v01) + (ky2 * v10 + ky3 * v11))
+            sums[0, x] = sx
+            sums[1, x] = sy
 
-    @_jit
-    def _keep_positions(pos, i, idx, axw, w):
-        """Copy a row's clamped neighbours and axis weights into the per-pixel scratch of the scatter."""
-        pidx, pw = pos
+    @_jit(inline="always")
+    def _disp_grad_row(gdisp, gd, hw, sums, flags, w):
+        """One row of ∂L/∂δ (contiguous [B, 2, H, W], row offset gd): −sums where gated, NaN where δ is not finite."""
+        zero = sums.dtype.type(0)
+        ux = np.uint64(gd)
+        uy = np.uint64(gd + hw)
         for x in range(w):
-            for k in range(4):
-                pidx[k, i + x] = idx[k, x]
-                pw[k, i + x] = axw[k, x]
+            # ∂x̂/∂δx = −1.
+            gdisp[ux + np.uint64(x)] = (-sums[0, x] if flags[0][x] else zero) if flags[2][x] else np.nan
+            gdisp[uy + np.uint64(x)] = (-sums[1, x] if flags[1][x] else zero) if flags[2][x] else np.nan
 
     @_jit
     def _warp_fwd(src, ss, disp, out, so, sizes, border, r0, r1):
@@ -254,9 +309,9 @@ if numba is not None:
         b_, c_, h, w, h_in, w_in = sizes
         hw = h * w
         xs = _coords(w, disp)
-        bounds = _warp_bounds(disp, w_in, h_in, border)
+        bounds = _clamp_bounds(disp, w_in, h_in, border)
         scratch = _scratch(w, src)
-        off, wts = scratch[0], scratch[1]
+        off, wts, _, flags = scratch
         for q in range(r0, r1):
             b = q // h
             y = q - b * h
@@ -265,63 +320,28 @@ if numba is not None:
             for c in range(c_):
                 _interpolate_row(src, np.uint64(b * ss[0] + c * ss[1]), off, wts,
                                  out, np.uint64(b * so[0] + c * so[1] + y * so[2]), np.uint64(so[3]), w)
-            _nan_where_not_finite(out, b * so[0] + y * so[2], so[1], so[3], c_, scratch[4][2])
+            _nan_where_not_finite(out, b * so[0] + y * so[2], so[1], so[3], c_, flags[2])
 
     @_jit
-    def _warp_bwd(src, ss, disp, g, sg, gdisp, pos, sizes, border, need_src, need_disp, r0, r1):
-        """Rows r0 … r1 − 1 of ∂L/∂δ (gdisp contiguous [B, 2, H, W]) and/or the scatter's positions (pos)."""
+    def _warp_bwd(src, ss, disp, g, sg, gdisp, sizes, border, r0, r1):
+        """Rows r0 … r1 − 1 (over B·H) of ∂L/∂δ (gdisp, contiguous [B, 2, H, W])."""
         b_, c_, h, w, h_in, w_in = sizes
         hw = h * w
         xs = _coords(w, disp)
-        bounds = _warp_bounds(disp, w_in, h_in, border)
+        bounds = _clamp_bounds(disp, w_in, h_in, border)
         scratch = _scratch(w, src)
-        off, _, idx, axw, flags = scratch
+        off, wts, axw, flags = scratch
         sums = np.empty((2, w), src.dtype)
-        zero = src.dtype.type(0)
         for q in range(r0, r1):
             b = q // h
             y = q - b * h
-            _row_positions(disp, b * 2 * hw + y * w, disp, b * 2 * hw + hw + y * w, xs, disp.dtype.type(y),
-                           bounds, border, w_in, h_in, ss[2], ss[3], scratch)
-            if need_src:
-                _keep_positions(pos, q * w, idx, axw, w)
-            if need_disp:
-                sums[:] = zero
-                for c in range(c_):
-                    _position_sums(src, np.uint64(b * ss[0] + c * ss[1]), off, axw,
-                                   g, np.uint64(b * sg[0] + c * sg[1] + y * sg[2]), np.uint64(sg[3]), sums, w)
-                gd = b * 2 * hw + y * w
-                for x in range(w):
-                    # ∂x̂/∂δx = −1.
-                    gdisp[gd + x] = (-sums[0, x] if flags[0, x] else zero) if flags[2, x] else np.nan
-                    gdisp[gd + hw + x] = (-sums[1, x] if flags[1, x] else zero) if flags[2, x] else np.nan
-
-    @_jit
-    def _scatter_kernel(g, sg, pos, gsrc, sgs, sizes, p0, p1):
-        """Planes p0 … p1 − 1 (over B·C) of ∂L/∂src += g · weight at the four neighbours, pixels in order."""
-        b_, c_, h, w, h_in, w_in = sizes
-        pidx, pw = pos
-        g_h = np.uint64(sgs[2])
-        g_w = np.uint64(sgs[3])
-        for plane in range(p0, p1):
-            b = plane // c_
-            c = plane - b * c_
-            base = np.uint64(b * sgs[0] + c * sgs[1])
-            for y in range(h):
-                gb = b * sg[0] + c * sg[1] + y * sg[2]
-                for x in range(w):
-                    i = (b * h + y) * w + x
-                    gv = g[gb + x * sg[3]]
-                    r0 = base + np.uint64(pidx[2, i]) * g_h
-                    r1 = base + np.uint64(pidx[3, i]) * g_h
-                    c0 = np.uint64(pidx[0, i]) * g_w
-                    c1 = np.uint64(pidx[1, i]) * g_w
-                    top = gv * pw[2, i]
-                    bottom = gv * pw[3, i]
-                    gsrc[r0 + c0] += top * pw[0, i]
-                    gsrc[r0 + c1] += top * pw[1, i]
-                    gsrc[r1 + c0] += bottom * pw[0, i]
-                    gsrc[r1 + c1] += bottom * pw[1, i]
+            yf = disp.dtype.type(y)
+            ox, oy = b * 2 * hw + y * w, b * 2 * hw + hw + y * w
+            _row_positions(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
+            _row_gradient_terms(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, scratch)
+            _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, g,
+                           np.uint64(b * sg[0] + y * sg[2]), np.uint64(sg[1]), np.uint64(sg[3]), c_, sums, w)
+            _disp_grad_row(gdisp, b * 2 * hw + y * w, hw, sums, flags, w)
 
     @_jit
     def _merge_row(fa, fb, la, lb, b, y, w, hw, rows):
@@ -329,14 +349,16 @@ if numba is not None:
 
         The fields are contiguous. w_a = sigmoid(l_a − l_b), as ``merge_displacements``.
         """
+        od = np.uint64(b * 2 * hw + y * w)
+        ol = np.uint64(b * hw + y * w)
+        uhw = np.uint64(hw)
         for x in range(w):
-            pix = y * w + x
-            o = b * 2 * hw + pix
+            o = od + np.uint64(x)
             dax = np.float64(fa[o])
-            day = np.float64(fa[o + hw])
+            day = np.float64(fa[o + uhw])
             dbx = np.float64(fb[o])
-            dby = np.float64(fb[o + hw])
-            wa = 1.0 / (1.0 + np.exp(np.float64(lb[b * hw + pix]) - np.float64(la[b * hw + pix])))
+            dby = np.float64(fb[o + uhw])
+            wa = 1.0 / (1.0 + np.exp(np.float64(lb[ol + np.uint64(x)]) - np.float64(la[ol + np.uint64(x)])))
             rows[0, x] = dax
             rows[1, x] = day
             rows[2, x] = dbx
@@ -345,6 +367,72 @@ if numba is not None:
             rows[5, x] = wa * dax + (1.0 - wa) * dbx
             rows[6, x] = wa * day + (1.0 - wa) * dby
 
+    @_jit(inline="always")
+    def _scatter_row(g, gb, g_c, g_w, off, wts, gsrc, base, gs_c, c0, c1, w):
+        """∂L/∂src += g · wts[n] at off[n], channels c0 … c1 − 1 of one output row, pixels in order."""
+        for c in range(c0, c1):
+            gp = gb + np.uint64(c) * g_c
+            sp = base + np.uint64(c) * gs_c
+            for x in range(w):
+                gv = g[gp + np.uint64(x) * g_w]
+                gsrc[sp + off[0][x]] += gv * wts[0][x]
+                gsrc[sp + off[1][x]] += gv * wts[1][x]
+                gsrc[sp + off[2][x]] += gv * wts[2][x]
+                gsrc[sp + off[3][x]] += gv * wts[3][x]
+
+    @_jit(inline="always")
+    def _zero_planes(gsrc, gs, b, c0, c1, h_in, w_in):
+        zero = gsrc.dtype.type(0)
+        for c in range(c0, c1):
+            for yy in range(h_in):
+                for xx in range(w_in):
+                    gsrc[b * gs[0] + c * gs[1] + yy * gs[2] + xx * gs[3]] = zero
+
+    @_jit
+    def _warp_scatter(g, sg, disp, gsrc, gs, sizes, border, groups, u0, u1):
+        """∂L/∂src for units u0 … u1 − 1, a unit being a batch element and one of ``groups`` channel
+        ranges. Each unit recomputes its positions row by row and owns its planes: no two threads
+        add to one element, and each element sums its terms in the same order for any split.
+        gsrc has src's strides (the offsets are src's)."""
+        b_, c_, h, w, h_in, w_in = sizes
+        hw = h * w
+        xs = _coords(w, disp)
+        bounds = _clamp_bounds(disp, w_in, h_in, border)
+        scratch = _scratch(w, gsrc)
+        off, wts = scratch[0], scratch[1]
+        for u in range(u0, u1):
+            b = u // groups
+            c0 = c_ * (u - b * groups) // groups
+            c1 = c_ * (u - b * groups + 1) // groups
+            _zero_planes(gsrc, gs, b, c0, c1, h_in, w_in)
+            for y in range(h):
+                _row_positions(disp, b * 2 * hw + y * w, disp, b * 2 * hw + hw + y * w, xs, disp.dtype.type(y),
+                               bounds, border, w_in, h_in, gs[2], gs[3], scratch)
+                _scatter_row(g, np.uint64(b * sg[0] + y * sg[2]), np.uint64(sg[1]), np.uint64(sg[3]), off, wts,
+                             gsrc, np.uint64(b * gs[0]), np.uint64(gs[1]), c0, c1, w)
+
+    @_jit
+    def _merged_scatter(g, sg, fa, fb, la, lb, gsrc, gs, sizes, border, groups, u0, u1):
+        """As _warp_scatter, δ merged from the contiguous fields."""
+        b_, c_, h, w, h_in, w_in = sizes
+        hw = h * w
+        rows = np.empty((7, w), np.float64)
+        xs = _coords(w, rows)
+        bounds = _clamp_bounds(rows, w_in, h_in, border)
+        scratch = _scratch(w, gsrc)
+        off, wts = scratch[0], scratch[1]
+        for u in range(u0, u1):
+            b = u // groups
+            c0 = c_ * (u - b * groups) // groups
+            c1 = c_ * (u - b * groups + 1) // groups
+            _zero_planes(gsrc, gs, b, c0, c1, h_in, w_in)
+            for y in range(h):
+                _merge_row(fa, fb, la, lb, b, y, w, hw, rows)
+                _row_positions(rows[5], 0, rows[6], 0, xs, np.float64(y), bounds, border, w_in, h_in,
+                               gs[2], gs[3], scratch)
+                _scatter_row(g, np.uint64(b * sg[0] + y * sg[2]), np.uint64(sg[1]), np.uint64(sg[3]), off, wts,
+                             gsrc, np.uint64(b * gs[0]), np.uint64(gs[1]), c0, c1, w)
+
     @_jit
     def _merged_fwd(src, ss, fa, fb, la, lb, out, so, sizes, border, r0, r1):
         """Rows r0 … r1 − 1 of T(src, merged δ); positions in float64, channel arithmetic in src's dtype."""
@@ -352,9 +440,9 @@ if numba is not None:
         hw = h * w
         rows = np.empty((7, w), np.float64)
         xs = _coords(w, rows)
-        bounds = _warp_bounds(rows, w_in, h_in, border)
+        bounds = _clamp_bounds(rows, w_in, h_in, border)
         scratch = _scratch(w, src)
-        off, wts = scratch[0], scratch[1]
+        off, wts, _, flags = scratch
         for q in range(r0, r1):
             b = q // h
             y = q - b * h
@@ -363,50 +451,47 @@ if numba is not None:
             for c in range(c_):
                 _interpolate_row(src, np.uint64(b * ss[0] + c * ss[1]), off, wts,
                                  out, np.uint64(b * so[0] + c * so[1] + y * so[2]), np.uint64(so[3]), w)
-            _nan_where_not_finite(out, b * so[0] + y * so[2], so[1], so[3], c_, scratch[4][2])
+            _nan_where_not_finite(out, b * so[0] + y * so[2], so[1], so[3], c_, flags[2])
 
     @_jit
-    def _merged_bwd(src, ss, fa, fb, la, lb, g, sg, grads, pos, sizes, border, need_src, need_fields, r0, r1):
-        """Rows r0 … r1 − 1 of the four fields' gradients (grads, contiguous) and/or the scatter's positions."""
+    def _merged_bwd(src, ss, fa, fb, la, lb, g, sg, grads, sizes, border, r0, r1):
+        """Rows r0 … r1 − 1 (over B·H) of the four fields' gradients (grads, contiguous)."""
         b_, c_, h, w, h_in, w_in = sizes
         hw = h * w
         gfa, gfb, gla, glb = grads
         rows = np.empty((7, w), np.float64)
         xs = _coords(w, rows)
-        bounds = _warp_bounds(rows, w_in, h_in, border)
+        bounds = _clamp_bounds(rows, w_in, h_in, border)
         scratch = _scratch(w, src)
-        off, _, idx, axw, flags = scratch
+        off, wts, axw, flags = scratch
         sums = np.empty((2, w), src.dtype)
         for q in range(r0, r1):
             b = q // h
             y = q - b * h
+            yf = np.float64(y)
             _merge_row(fa, fb, la, lb, b, y, w, hw, rows)
-            _row_positions(rows[5], 0, rows[6], 0, xs, np.float64(y), bounds, border, w_in, h_in, ss[2], ss[3], scratch)
-            if need_src:
-                _keep_positions(pos, q * w, idx, axw, w)
-            if need_fields:
-                sums[:] = 0
-                for c in range(c_):
-                    _position_sums(src, np.uint64(b * ss[0] + c * ss[1]), off, axw,
-                                   g, np.uint64(b * sg[0] + c * sg[1] + y * sg[2]), np.uint64(sg[3]), sums, w)
-                for x in range(w):
-                    od = b * 2 * hw + y * w + x
-                    ol = b * hw + y * w + x
-                    if not flags[2, x]:
-                        gfa[od] = gfa[od + hw] = gfb[od] = gfb[od + hw] = gla[ol] = glb[ol] = np.nan
-                        continue
-                    gdx = -np.float64(sums[0, x]) if flags[0, x] else 0.0
-                    gdy = -np.float64(sums[1, x]) if flags[1, x] else 0.0
-                    # δ = w_a·δ_a + w_b·δ_b with ∂w_a/∂l_a = w_a·w_b = −∂w_a/∂l_b.
-                    wa = rows[4, x]
-                    wb = 1.0 - wa
-                    gl = wa * wb * (gdx * (rows[0, x] - rows[2, x]) + gdy * (rows[1, x] - rows[3, x]))
-                    gfa[od] = wa * gdx
-                    gfa[od + hw] = wa * gdy
-                    gfb[od] = wb * gdx
-                    gfb[od + hw] = wb * gdy
-                    gla[ol] = gl
-                    glb[ol] = -gl
+            _row_positions(rows[5], 0, rows[6], 0, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
+            _row_gradient_terms(rows[5], 0, rows[6], 0, xs, yf, bounds, border, w_in, h_in, scratch)
+            _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, g,
+                           np.uint64(b * sg[0] + y * sg[2]), np.uint64(sg[1]), np.uint64(sg[3]), c_, sums, w)
+            for x in range(w):
+                od = b * 2 * hw + y * w + x
+                ol = b * hw + y * w + x
+                if not flags[2][x]:
+                    gfa[od] = gfa[od + hw] = gfb[od] = gfb[od + hw] = gla[ol] = glb[ol] = np.nan
+                    continue
+                gdx = -np.float64(sums[0, x]) if flags[0][x] else 0.0
+                gdy = -np.float64(sums[1, x]) if flags[1][x] else 0.0
+                # δ = w_a·δ_a + w_b·δ_b with ∂w_a/∂l_a = w_a·w_b = −∂w_a/∂l_b.
+                wa = rows[4, x]
+                wb = 1.0 - wa
+                gl = wa * wb * (gdx * (rows[0, x] - rows[2, x]) + gdy * (rows[1, x] - rows[3, x]))
+                gfa[od] = wa * gdx
+                gfa[od + hw] = wa * gdy
+                gfb[od] = wb * gdx
+                gfb[od + hw] = wb * gdy
+                gla[ol] = gl
+                glb[ol] = -gl
 
     @_jit
     def _l1_fwd(src, ss, disp, tgt, st, part, sizes, border, r0, r1):
@@ -414,9 +499,9 @@ if numba is not None:
         b_, c_, h, w, h_in, w_in = sizes
         hw = h * w
         xs = _coords(w, disp)
-        bounds = _warp_bounds(disp, w_in, h_in, border)
+        bounds = _clamp_bounds(disp, w_in, h_in, border)
         scratch = _scratch(w, src)
-        off, wts, _, _, flags = scratch
+        off, wts, _, flags = scratch
         acc = np.empty(w, np.float64)
         for q in range(r0, r1):
             b = q // h
@@ -428,59 +513,58 @@ if numba is not None:
                 base = np.uint64(b * ss[0] + c * ss[1])
                 tb = np.uint64(b * st[0] + c * st[1] + y * st[2])
                 for x in range(w):
-                    val = (wts[0, x] * src[base + off[0, x]] + wts[1, x] * src[base + off[1, x]]) + (
-                        wts[2, x] * src[base + off[2, x]] + wts[3, x] * src[base + off[3, x]])
+                    val = (wts[0][x] * src[base + off[0][x]] + wts[1][x] * src[base + off[1][x]]) + (
+                        wts[2][x] * src[base + off[2][x]] + wts[3][x] * src[base + off[3][x]])
                     acc[x] += np.float64(abs(val - tgt[tb + np.uint64(x) * np.uint64(st[3])]))
             total = 0.0
             for x in range(w):
-                total += acc[x] if flags[2, x] else np.nan
+                total += acc[x] if flags[2][x] else np.nan
             part[q] = total
 
     @_jit
-    def _l1_bwd(src, ss, disp, tgt, st, gloss, inv_count, gbuf, gdisp, gtgt, pos, sizes, border,
+    def _l1_bwd(src, ss, disp, tgt, st, gloss, inv_count, gbuf, gdisp, gtgt, sizes, border,
                 need_src, need_disp, need_target, r0, r1):
-        """Rows r0 … r1 − 1: ∂loss[b]/∂out = sign(out − target)·grad_loss[b]/(C·H·W) into gbuf (contiguous,
-        for the scatter), ∂L/∂δ into gdisp and ∂L/∂target into gtgt (contiguous), as asked."""
+        """Rows r0 … r1 − 1: ∂loss[b]/∂out = sign(out − target)·grad_loss[b]/(C·H·W) into gbuf
+        (contiguous [B, C, H, W], for the scatter), ∂L/∂δ into gdisp and ∂L/∂target into gtgt
+        (contiguous), as asked."""
         b_, c_, h, w, h_in, w_in = sizes
         hw = h * w
         xs = _coords(w, disp)
-        bounds = _warp_bounds(disp, w_in, h_in, border)
+        bounds = _clamp_bounds(disp, w_in, h_in, border)
         scratch = _scratch(w, src)
-        off, wts, idx, axw, flags = scratch
+        off, wts, axw, flags = scratch
         sums = np.empty((2, w), src.dtype)
-        gval = np.empty(w, src.dtype)
+        rowg = np.empty(c_ * w, src.dtype)  # ∂loss/∂out of one row, [C, W]
         zero = src.dtype.type(0)
         for q in range(r0, r1):
             b = q // h
             y = q - b * h
-            _row_positions(disp, b * 2 * hw + y * w, disp, b * 2 * hw + hw + y * w, xs, disp.dtype.type(y),
-                           bounds, border, w_in, h_in, ss[2], ss[3], scratch)
-            if need_src:
-                _keep_positions(pos, q * w, idx, axw, w)
+            yf = disp.dtype.type(y)
+            ox, oy = b * 2 * hw + y * w, b * 2 * hw + hw + y * w
+            _row_positions(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
             g_b = src.dtype.type(gloss[b]) * src.dtype.type(inv_count)
-            sums[:] = zero
             for c in range(c_):
                 base = np.uint64(b * ss[0] + c * ss[1])
                 tb = np.uint64(b * st[0] + c * st[1] + y * st[2])
+                rb = np.uint64(c * w)
                 for x in range(w):
-                    val = (wts[0, x] * src[base + off[0, x]] + wts[1, x] * src[base + off[1, x]]) + (
-                        wts[2, x] * src[base + off[2, x]] + wts[3, x] * src[base + off[3, x]])
+                    val = (wts[0][x] * src[base + off[0][x]] + wts[1][x] * src[base + off[1][x]]) + (
+                        wts[2][x] * src[base + off[2][x]] + wts[3][x] * src[base + off[3][x]])
                     diff = val - tgt[tb + np.uint64(x) * np.uint64(st[3])]
-                    gval[x] = g_b if diff > 0 else (-g_b if diff < 0 else zero)
-                ob = ((b * c_ + c) * h + y) * w
-                if need_disp:
-                    _position_sums(src, base, off, axw, gval, np.uint64(0), np.uint64(1), sums, w)
+                    rowg[rb + np.uint64(x)] = g_b if diff > 0 else (-g_b if diff < 0 else zero)
+                ob = np.uint64(((b * c_ + c) * h + y) * w)
                 if need_src:
-                    gbuf[ob:ob + w] = gval
+                    for x in range(w):
+                        gbuf[ob + np.uint64(x)] = rowg[rb + np.uint64(x)]
                 if need_target:
                     for x in range(w):
                         # |NaN − t| has no slope: NaN, as autograd gives for abs at NaN.
-                        gtgt[ob + x] = -gval[x] if flags[2, x] else np.nan
+                        gtgt[ob + np.uint64(x)] = -rowg[rb + np.uint64(x)] if flags[2][x] else np.nan
             if need_disp:
-                gd = b * 2 * hw + y * w
-                for x in range(w):
-                    gdisp[gd + x] = (-sums[0, x] if flags[0, x] else zero) if flags[2, x] else np.nan
-                    gdisp[gd + hw + x] = (-sums[1, x] if flags[1, x] else zero) if flags[2, x] else np.nan
+                _row_gradient_terms(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, scratch)
+                _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, rowg,
+                               np.uint64(0), np.uint64(w), np.uint64(1), c_, sums, w)
+                _disp_grad_row(gdisp, b * 2 * hw + y * w, hw, sums, flags, w)
 
 
 # Below this many output values a call runs on the calling thread only: handing
@@ -550,21 +634,29 @@ def _source(src: torch.Tensor, acc: torch.dtype) -> tuple[np.ndarray, tuple[int,
     return *_flat(_to(src, acc)), h_in, w_in
 
 
-def _scatter_scratch(n: int, acc: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Per output pixel: clamped x0, x1, y0, y1 and axis weights wx0, wx1, wy0, wy1 (empty when n is 0)."""
-    return np.empty((4, n), np.int32), np.empty((4, n), np.float64 if acc == torch.float64 else np.float32)
+def _empty_like_src(src: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """An uninitialized [B, C, H_in, W_in] buffer in src's memory format."""
+    return torch.empty(src.shape, dtype=acc, memory_format=_memory_format(src))
 
 
-def _grad_src_buffer(src: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    return torch.empty(src.shape, dtype=acc, memory_format=_memory_format(src)).zero_()
+def _scatter(kernel, g: tuple[np.ndarray, tuple[int, ...]], fields: tuple[np.ndarray, ...],
+             grad_src: torch.Tensor | None, sizes: tuple[int, ...], padding: str) -> None:
+    """Fill grad_src (uninitialized) with the scatter of g (flat, strides) through the positions
+    ``kernel`` forms from ``fields``; sizes (B, C, H, W, H_in, W_in).
 
-
-def _scatter(g: tuple[np.ndarray, tuple[int, ...]], pos, grad_src: torch.Tensor, sizes: tuple[int, ...]) -> None:
-    """grad_src += the scatter of g (flat, strides) through the positions pos: one task per (b, c) plane."""
+    Work is split by batch element, and also by channel ranges when there are
+    fewer batch elements than threads; each task zeroes and fills its own planes.
+    """
+    if grad_src is None or grad_src.numel() == 0:
+        return
     b, c, h, w = sizes[:4]
-    if grad_src.numel() and b * c * h * w:
-        gs = _flat(grad_src)
-        _run(_scatter_kernel, (*g, pos, *gs, sizes), b * c, b * c * h * w)
+    if b * c * h * w == 0:
+        grad_src.zero_()
+        return
+    threads = torch.get_num_threads()
+    groups = min(c, -(-threads // b)) if b < threads else 1
+    args = (*g, *fields, *_flat(grad_src), sizes, padding == "border", groups)
+    _run(kernel, args, b * groups, b * c * h * w)
 
 
 def warp_forward(src: torch.Tensor, disp: torch.Tensor, padding: str) -> torch.Tensor:
@@ -586,21 +678,17 @@ def warp_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(∂L/∂src in src's dtype and memory format | None, ∂L/∂δ contiguous in disp's dtype | None)."""
     acc = _acc(src.dtype)
-    b, c, _, _ = src.shape
+    b, c, h_in, w_in = src.shape
     h, w = disp.shape[2:]
-    grad_src = _grad_src_buffer(src, acc) if need_src else None
+    g = _flat(_to(grad_out, acc))
+    d = _flat(_to(disp, acc).contiguous())[0]
     grad_disp = torch.empty(disp.shape, dtype=acc) if need_disp else None
-    if b * h * w and (need_src or need_disp):
-        s, ss, h_in, w_in = _source(src, acc)
-        sizes = (b, c, h, w, h_in, w_in)
-        g = _flat(_to(grad_out, acc))
-        pos = _scatter_scratch(b * h * w if need_src else 0, acc)
-        gd = _flat(grad_disp)[0] if need_disp else np.empty(0, s.dtype)
-        d = _flat(_to(disp, acc).contiguous())[0]
-        _run(_warp_bwd, (s, ss, d, *g, gd, pos, sizes, padding == "border", need_src, need_disp),
+    if need_disp and b * h * w:
+        s, ss, hs, ws = _source(src, acc)
+        _run(_warp_bwd, (s, ss, d, *g, _flat(grad_disp)[0], (b, c, h, w, hs, ws), padding == "border"),
              b * h, b * max(c, 1) * h * w)
-        if need_src:
-            _scatter(g, pos, grad_src, sizes)
+    grad_src = _empty_like_src(src, acc) if need_src else None
+    _scatter(_warp_scatter, g, (d,), grad_src, (b, c, h, w, h_in, w_in), padding)
     return (
         grad_src.to(src.dtype) if need_src else None,
         grad_disp.to(disp.dtype) if need_disp else None,
@@ -638,21 +726,19 @@ def merged_warp_backward(
 ) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
     """(∂L/∂src | None, [∂L/∂disp_a, ∂L/∂disp_b, ∂L/∂logit_a, ∂L/∂logit_b] (contiguous, fields' dtype) | None)."""
     acc = _acc(src.dtype)
-    b, c, _, _ = src.shape
+    b, c, h_in, w_in = src.shape
     h, w = disp_a.shape[2:]
     inputs = (disp_a, disp_b, logit_a, logit_b)
-    grad_src = _grad_src_buffer(src, acc) if need_src else None
+    g = _flat(_to(grad_out, acc))
+    fields = _fields(inputs, acc)
     grads = [torch.empty(f.shape, dtype=acc) for f in inputs] if need_fields else None
-    if b * h * w and (need_src or need_fields):
-        s, ss, h_in, w_in = _source(src, acc)
-        sizes = (b, c, h, w, h_in, w_in)
-        g = _flat(_to(grad_out, acc))
-        pos = _scatter_scratch(b * h * w if need_src else 0, acc)
-        gf = tuple(_flat(t)[0] for t in grads) if need_fields else (np.empty(0, s.dtype),) * 4
-        _run(_merged_bwd, (s, ss, *_fields(inputs, acc), *g, gf, pos, sizes, padding == "border",
-                           need_src, need_fields), b * h, b * max(c, 1) * h * w)
-        if need_src:
-            _scatter(g, pos, grad_src, sizes)
+    if need_fields and b * h * w:
+        s, ss, hs, ws = _source(src, acc)
+        gf = tuple(_flat(t)[0] for t in grads)
+        _run(_merged_bwd, (s, ss, *fields, *g, gf, (b, c, h, w, hs, ws), padding == "border"),
+             b * h, b * max(c, 1) * h * w)
+    grad_src = _empty_like_src(src, acc) if need_src else None
+    _scatter(_merged_scatter, g, tuple(fields), grad_src, (b, c, h, w, h_in, w_in), padding)
     return (
         grad_src.to(src.dtype) if need_src else None,
         [t.to(f.dtype) for t, f in zip(grads, inputs)] if need_fields else None,
@@ -689,26 +775,24 @@ def warp_l1_backward(
     ∂loss[b]/∂out = sign(out − target)/(C·H·W), 0 where they are equal.
     """
     acc = _acc(src.dtype)
-    b, c, _, _ = src.shape
+    b, c, h_in, w_in = src.shape
     h, w = disp.shape[2:]
     count = c * h * w
-    grad_src = _grad_src_buffer(src, acc) if need_src else None
+    d = _flat(_to(disp, acc).contiguous())[0]
     grad_disp = torch.zeros(disp.shape, dtype=acc) if need_disp else None
     grad_target = torch.zeros(target.shape, dtype=acc) if need_target else None
+    # ∂loss/∂out, contiguous: what the scatter spreads onto src.
+    gbuf = np.zeros(b * count if need_src else 0, np.float64 if acc == torch.float64 else np.float32)
     if b * count and (need_src or need_disp or need_target):
-        s, ss, h_in, w_in = _source(src, acc)
-        sizes = (b, c, h, w, h_in, w_in)
+        s, ss, hs, ws = _source(src, acc)
         none = np.empty(0, s.dtype)
-        pos = _scatter_scratch(b * h * w if need_src else 0, acc)
-        gbuf = np.empty(b * count if need_src else 0, s.dtype)
         gd = _flat(grad_disp)[0] if need_disp else none
         gt = _flat(grad_target)[0] if need_target else none
         gl = _to(grad_loss, acc).contiguous().numpy()
-        d = _flat(_to(disp, acc).contiguous())[0]
-        _run(_l1_bwd, (s, ss, d, *_flat(_to(target, acc)), gl, 1.0 / count, gbuf, gd, gt, pos, sizes,
+        _run(_l1_bwd, (s, ss, d, *_flat(_to(target, acc)), gl, 1.0 / count, gbuf, gd, gt, (b, c, h, w, hs, ws),
                        padding == "border", need_src, need_disp, need_target), b * h, b * count)
-        if need_src:
-            _scatter((gbuf, (count, h * w, w, 1)), pos, grad_src, sizes)
+    grad_src = _empty_like_src(src, acc) if need_src else None
+    _scatter(_warp_scatter, (gbuf, (count, h * w, w, 1)), (d,), grad_src, (b, c, h, w, h_in, w_in), padding)
     return (
         grad_src.to(src.dtype) if need_src else None,
         grad_disp.to(disp.dtype) if need_disp else None,
