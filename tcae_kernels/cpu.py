@@ -1,10 +1,10 @@
 """Compiled CPU kernels of every warp op (numba): the Triton kernels' math as loops over pixels.
 
-numba compiles these with LLVM at the first call (no C/C++ toolchain on the
-user's machine) and caches the machine code on disk (``cache=True``): next to
-this file in ``__pycache__`` when that is writable, else in ``~/.cache/numba``
-or ``$NUMBA_CACHE_DIR``; with no writable place at all they compile once per
-process. Threads follow ``torch.get_num_threads()``.
+numba compiles them with LLVM at the first call (no C/C++ toolchain on the
+user's machine: 2.5-5 s per kernel set) and caches the machine code on disk:
+in ``__pycache__`` next to this file when that is writable, else in
+``~/.cache/numba``, or in ``$NUMBA_CACHE_DIR`` when set; later processes load
+it in about 0.5 s. With no writable place at all they compile once per process.
 
 Semantics are those of the kernels in ``warp.py`` (SPEC sections 1-3): the
 same position arithmetic (weights (x − ⌊x̂⌋) − δ, bounds tested on δ, the
@@ -14,16 +14,20 @@ float16/bfloat16 inputs are converted to float32 at the boundary (one copy
 each way). ``merged_warp`` merges the displacements and forms positions in
 float64, as its kernel does.
 
-Layouts: src, disp, grad_out and target are read in place through their
-strides (NCHW, channels_last, slices: no copy); the four fields of
-``merged_warp`` are made contiguous (a copy only if they are not). Results
-follow src's memory format; gradients of δ and the fields are contiguous.
+Layouts: src, grad_out and target are read in place through their strides
+(NCHW, channels_last, slices, expanded: no copy); δ and the merge's fields are
+made contiguous (a copy only if they are not; they are small). Results follow
+src's memory format; gradients of δ and the fields are contiguous.
+
+Threads: torch.get_num_threads() of them, on a small pool of Python threads
+(the kernels release the GIL); calls below PARALLEL_MIN_VALUES output values
+stay on the calling thread. numba's own threading layers are not used: on a
+busy machine their OpenMP workers spin against torch's.
 
 Determinism: forward, loss and ∂L/∂δ reduce per pixel or per row in a fixed
-order. ∂L/∂src is a scatter: a first pass over rows stores each pixel's
-position, a second pass gives every (b, c) plane to one thread, which adds
-its pixels' contributions in pixel order. The result is bitwise the same for
-any number of threads.
+order. ∂L/∂src is a scatter: each task owns whole (b, c) planes and adds its
+pixels' contributions row by row, pixel by pixel. The result is bitwise the
+same for any number of threads.
 """
 
 from __future__ import annotations
@@ -39,17 +43,12 @@ import torch
 
 try:
     import numba
-    from numba import njit, prange
+    from numba import njit
 except Exception as e:  # noqa: BLE001 - not installed, or refusing this numpy: the eager path serves
     numba = None
     _IMPORT_ERROR: Exception | None = e
 else:
     _IMPORT_ERROR = None
-
-# A non-finite δ's position: left neighbours this far out make all four invalid,
-# so the scatter pass skips the pixel without a separate flag.
-_NOWHERE = -4
-
 
 def available() -> bool:
     """Whether numba imported (so the compiled CPU kernels can run)."""
@@ -101,10 +100,10 @@ def _jit(fn=None, **options):
 # the offset in src of neighbour n (00, 01, 10, 11: (y0, x0), (y0, x1), ...),
 # clamped into src; wts[n][x], its bilinear weight (0 outside src and at a
 # non-finite δ); axw[k][x], the slopes of the four weights along x̂ (k < 4) and
-# along ŷ (k ≥ 4), for ∂L/∂δ; flags[k][x]: gate_x, gate_y,
-# finite. Reading a clamped neighbour with weight 0 instead of skipping it is
-# what the float64 reference and the eager fallback do too (it differs only
-# for a non-finite src value next to the border).
+# along ŷ (k ≥ 4), for ∂L/∂δ; flags[k][x]: gate_x, gate_y, finite.
+# Reading a clamped neighbour with weight 0 instead of skipping it is what the
+# float64 reference and the eager fallback do too; it differs from skipping only
+# where a non-finite src or ∂L/∂out value meets a zero weight (0·Inf is NaN).
 if numba is not None:
 
     @_jit
@@ -323,27 +322,6 @@ if numba is not None:
             _nan_where_not_finite(out, b * so[0] + y * so[2], so[1], so[3], c_, flags[2])
 
     @_jit
-    def _warp_bwd(src, ss, disp, g, sg, gdisp, sizes, border, r0, r1):
-        """Rows r0 … r1 − 1 (over B·H) of ∂L/∂δ (gdisp, contiguous [B, 2, H, W])."""
-        b_, c_, h, w, h_in, w_in = sizes
-        hw = h * w
-        xs = _coords(w, disp)
-        bounds = _clamp_bounds(disp, w_in, h_in, border)
-        scratch = _scratch(w, src)
-        off, wts, axw, flags = scratch
-        sums = np.empty((2, w), src.dtype)
-        for q in range(r0, r1):
-            b = q // h
-            y = q - b * h
-            yf = disp.dtype.type(y)
-            ox, oy = b * 2 * hw + y * w, b * 2 * hw + hw + y * w
-            _row_positions(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
-            _row_gradient_terms(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, scratch)
-            _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, g,
-                           np.uint64(b * sg[0] + y * sg[2]), np.uint64(sg[1]), np.uint64(sg[3]), c_, sums, w)
-            _disp_grad_row(gdisp, b * 2 * hw + y * w, hw, sums, flags, w)
-
-    @_jit
     def _merge_row(fa, fb, la, lb, b, y, w, hw, rows):
         """δ_a, δ_b, w_a and the merged δ of one row, float64 (rows [7, W]: dax day dbx dby wa dx dy).
 
@@ -381,6 +359,20 @@ if numba is not None:
                 gsrc[sp + off[3][x]] += gv * wts[3][x]
 
     @_jit(inline="always")
+    def _unit(u, groups, need_src, c_, h):
+        """Batch element, channel range and row range of backward task u.
+
+        A task is one of ``groups`` parts of a batch element: a range of
+        channels (all rows) when it scatters ∂L/∂src, so that it owns whole
+        planes; otherwise a range of rows (all channels).
+        """
+        b = u // groups
+        k = u - b * groups
+        if need_src:
+            return b, c_ * k // groups, c_ * (k + 1) // groups, 0, h
+        return b, 0, c_, h * k // groups, h * (k + 1) // groups
+
+    @_jit(inline="always")
     def _zero_planes(gsrc, gs, b, c0, c1, h_in, w_in):
         zero = gsrc.dtype.type(0)
         for c in range(c0, c1):
@@ -389,49 +381,86 @@ if numba is not None:
                     gsrc[b * gs[0] + c * gs[1] + yy * gs[2] + xx * gs[3]] = zero
 
     @_jit
-    def _warp_scatter(g, sg, disp, gsrc, gs, sizes, border, groups, u0, u1):
-        """∂L/∂src for units u0 … u1 − 1, a unit being a batch element and one of ``groups`` channel
-        ranges. Each unit recomputes its positions row by row and owns its planes: no two threads
-        add to one element, and each element sums its terms in the same order for any split.
-        gsrc has src's strides (the offsets are src's)."""
+    def _warp_bwd(src, ss, disp, g, sg, gdisp, gsrc, sizes, border, need_src, need_disp, groups, u0, u1):
+        """Backward tasks u0 … u1 − 1 (see _unit): ∂L/∂src of the task's planes into gsrc (src's
+        strides; zeroed first) and/or ∂L/∂δ of its rows into gdisp (contiguous [B, 2, H, W]).
+
+        Both at once only with one task per batch element (groups = 1): ∂L/∂δ needs every channel.
+        Each plane sums its terms row by row, pixel by pixel, however the work is split.
+        """
         b_, c_, h, w, h_in, w_in = sizes
         hw = h * w
         xs = _coords(w, disp)
         bounds = _clamp_bounds(disp, w_in, h_in, border)
-        scratch = _scratch(w, gsrc)
-        off, wts = scratch[0], scratch[1]
+        scratch = _scratch(w, src)
+        off, wts, axw, flags = scratch
+        sums = np.empty((2, w), src.dtype)
         for u in range(u0, u1):
-            b = u // groups
-            c0 = c_ * (u - b * groups) // groups
-            c1 = c_ * (u - b * groups + 1) // groups
-            _zero_planes(gsrc, gs, b, c0, c1, h_in, w_in)
-            for y in range(h):
-                _row_positions(disp, b * 2 * hw + y * w, disp, b * 2 * hw + hw + y * w, xs, disp.dtype.type(y),
-                               bounds, border, w_in, h_in, gs[2], gs[3], scratch)
-                _scatter_row(g, np.uint64(b * sg[0] + y * sg[2]), np.uint64(sg[1]), np.uint64(sg[3]), off, wts,
-                             gsrc, np.uint64(b * gs[0]), np.uint64(gs[1]), c0, c1, w)
+            b, c0, c1, y0, y1 = _unit(u, groups, need_src, c_, h)
+            if need_src:
+                _zero_planes(gsrc, ss, b, c0, c1, h_in, w_in)
+            for y in range(y0, y1):
+                yf = disp.dtype.type(y)
+                ox, oy = b * 2 * hw + y * w, b * 2 * hw + hw + y * w
+                _row_positions(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
+                gb = np.uint64(b * sg[0] + y * sg[2])
+                if need_src:
+                    _scatter_row(g, gb, np.uint64(sg[1]), np.uint64(sg[3]), off, wts,
+                                 gsrc, np.uint64(b * ss[0]), np.uint64(ss[1]), c0, c1, w)
+                if need_disp:
+                    _row_gradient_terms(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, scratch)
+                    _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, g,
+                                   gb, np.uint64(sg[1]), np.uint64(sg[3]), c_, sums, w)
+                    _disp_grad_row(gdisp, b * 2 * hw + y * w, hw, sums, flags, w)
 
     @_jit
-    def _merged_scatter(g, sg, fa, fb, la, lb, gsrc, gs, sizes, border, groups, u0, u1):
-        """As _warp_scatter, δ merged from the contiguous fields."""
+    def _merged_bwd(src, ss, fa, fb, la, lb, g, sg, grads, gsrc, sizes, border, need_src, need_fields,
+                    groups, u0, u1):
+        """As _warp_bwd for the merged δ: ∂L/∂src and/or the four fields' gradients (grads, contiguous)."""
         b_, c_, h, w, h_in, w_in = sizes
         hw = h * w
+        gfa, gfb, gla, glb = grads
         rows = np.empty((7, w), np.float64)
         xs = _coords(w, rows)
         bounds = _clamp_bounds(rows, w_in, h_in, border)
-        scratch = _scratch(w, gsrc)
-        off, wts = scratch[0], scratch[1]
+        scratch = _scratch(w, src)
+        off, wts, axw, flags = scratch
+        sums = np.empty((2, w), src.dtype)
         for u in range(u0, u1):
-            b = u // groups
-            c0 = c_ * (u - b * groups) // groups
-            c1 = c_ * (u - b * groups + 1) // groups
-            _zero_planes(gsrc, gs, b, c0, c1, h_in, w_in)
-            for y in range(h):
+            b, c0, c1, y0, y1 = _unit(u, groups, need_src, c_, h)
+            if need_src:
+                _zero_planes(gsrc, ss, b, c0, c1, h_in, w_in)
+            for y in range(y0, y1):
+                yf = np.float64(y)
                 _merge_row(fa, fb, la, lb, b, y, w, hw, rows)
-                _row_positions(rows[5], 0, rows[6], 0, xs, np.float64(y), bounds, border, w_in, h_in,
-                               gs[2], gs[3], scratch)
-                _scatter_row(g, np.uint64(b * sg[0] + y * sg[2]), np.uint64(sg[1]), np.uint64(sg[3]), off, wts,
-                             gsrc, np.uint64(b * gs[0]), np.uint64(gs[1]), c0, c1, w)
+                _row_positions(rows[5], 0, rows[6], 0, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
+                gb = np.uint64(b * sg[0] + y * sg[2])
+                if need_src:
+                    _scatter_row(g, gb, np.uint64(sg[1]), np.uint64(sg[3]), off, wts,
+                                 gsrc, np.uint64(b * ss[0]), np.uint64(ss[1]), c0, c1, w)
+                if not need_fields:
+                    continue
+                _row_gradient_terms(rows[5], 0, rows[6], 0, xs, yf, bounds, border, w_in, h_in, scratch)
+                _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, g,
+                               gb, np.uint64(sg[1]), np.uint64(sg[3]), c_, sums, w)
+                for x in range(w):
+                    od = b * 2 * hw + y * w + x
+                    ol = b * hw + y * w + x
+                    if not flags[2][x]:
+                        gfa[od] = gfa[od + hw] = gfb[od] = gfb[od + hw] = gla[ol] = glb[ol] = np.nan
+                        continue
+                    gdx = -np.float64(sums[0, x]) if flags[0][x] else 0.0
+                    gdy = -np.float64(sums[1, x]) if flags[1][x] else 0.0
+                    # δ = w_a·δ_a + w_b·δ_b with ∂w_a/∂l_a = w_a·w_b = −∂w_a/∂l_b.
+                    wa = rows[4, x]
+                    wb = 1.0 - wa
+                    gl = wa * wb * (gdx * (rows[0, x] - rows[2, x]) + gdy * (rows[1, x] - rows[3, x]))
+                    gfa[od] = wa * gdx
+                    gfa[od + hw] = wa * gdy
+                    gfb[od] = wb * gdx
+                    gfb[od + hw] = wb * gdy
+                    gla[ol] = gl
+                    glb[ol] = -gl
 
     @_jit
     def _merged_fwd(src, ss, fa, fb, la, lb, out, so, sizes, border, r0, r1):
@@ -452,46 +481,6 @@ if numba is not None:
                 _interpolate_row(src, np.uint64(b * ss[0] + c * ss[1]), off, wts,
                                  out, np.uint64(b * so[0] + c * so[1] + y * so[2]), np.uint64(so[3]), w)
             _nan_where_not_finite(out, b * so[0] + y * so[2], so[1], so[3], c_, flags[2])
-
-    @_jit
-    def _merged_bwd(src, ss, fa, fb, la, lb, g, sg, grads, sizes, border, r0, r1):
-        """Rows r0 … r1 − 1 (over B·H) of the four fields' gradients (grads, contiguous)."""
-        b_, c_, h, w, h_in, w_in = sizes
-        hw = h * w
-        gfa, gfb, gla, glb = grads
-        rows = np.empty((7, w), np.float64)
-        xs = _coords(w, rows)
-        bounds = _clamp_bounds(rows, w_in, h_in, border)
-        scratch = _scratch(w, src)
-        off, wts, axw, flags = scratch
-        sums = np.empty((2, w), src.dtype)
-        for q in range(r0, r1):
-            b = q // h
-            y = q - b * h
-            yf = np.float64(y)
-            _merge_row(fa, fb, la, lb, b, y, w, hw, rows)
-            _row_positions(rows[5], 0, rows[6], 0, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
-            _row_gradient_terms(rows[5], 0, rows[6], 0, xs, yf, bounds, border, w_in, h_in, scratch)
-            _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, g,
-                           np.uint64(b * sg[0] + y * sg[2]), np.uint64(sg[1]), np.uint64(sg[3]), c_, sums, w)
-            for x in range(w):
-                od = b * 2 * hw + y * w + x
-                ol = b * hw + y * w + x
-                if not flags[2][x]:
-                    gfa[od] = gfa[od + hw] = gfb[od] = gfb[od + hw] = gla[ol] = glb[ol] = np.nan
-                    continue
-                gdx = -np.float64(sums[0, x]) if flags[0][x] else 0.0
-                gdy = -np.float64(sums[1, x]) if flags[1][x] else 0.0
-                # δ = w_a·δ_a + w_b·δ_b with ∂w_a/∂l_a = w_a·w_b = −∂w_a/∂l_b.
-                wa = rows[4, x]
-                wb = 1.0 - wa
-                gl = wa * wb * (gdx * (rows[0, x] - rows[2, x]) + gdy * (rows[1, x] - rows[3, x]))
-                gfa[od] = wa * gdx
-                gfa[od + hw] = wa * gdy
-                gfb[od] = wb * gdx
-                gfb[od + hw] = wb * gdy
-                gla[ol] = gl
-                glb[ol] = -gl
 
     @_jit
     def _l1_fwd(src, ss, disp, tgt, st, part, sizes, border, r0, r1):
@@ -522,11 +511,11 @@ if numba is not None:
             part[q] = total
 
     @_jit
-    def _l1_bwd(src, ss, disp, tgt, st, gloss, inv_count, gbuf, gdisp, gtgt, sizes, border,
-                need_src, need_disp, need_target, r0, r1):
-        """Rows r0 … r1 − 1: ∂loss[b]/∂out = sign(out − target)·grad_loss[b]/(C·H·W) into gbuf
-        (contiguous [B, C, H, W], for the scatter), ∂L/∂δ into gdisp and ∂L/∂target into gtgt
-        (contiguous), as asked."""
+    def _l1_bwd(src, ss, disp, tgt, st, gloss, inv_count, gdisp, gtgt, gsrc, sizes, border,
+                need_src, need_disp, need_target, groups, u0, u1):
+        """Backward tasks u0 … u1 − 1 (see _unit) of the loss: ∂loss[b]/∂out =
+        sign(out − target)·grad_loss[b]/(C·H·W), spread onto src (gsrc, src's strides), δ (gdisp,
+        contiguous) and target (gtgt, contiguous) as asked; ∂L/∂δ with need_src only if groups = 1."""
         b_, c_, h, w, h_in, w_in = sizes
         hw = h * w
         xs = _coords(w, disp)
@@ -536,35 +525,37 @@ if numba is not None:
         sums = np.empty((2, w), src.dtype)
         rowg = np.empty(c_ * w, src.dtype)  # ∂loss/∂out of one row, [C, W]
         zero = src.dtype.type(0)
-        for q in range(r0, r1):
-            b = q // h
-            y = q - b * h
-            yf = disp.dtype.type(y)
-            ox, oy = b * 2 * hw + y * w, b * 2 * hw + hw + y * w
-            _row_positions(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
+        for u in range(u0, u1):
+            b, c0, c1, y0, y1 = _unit(u, groups, need_src, c_, h)
+            if need_src:
+                _zero_planes(gsrc, ss, b, c0, c1, h_in, w_in)
             g_b = src.dtype.type(gloss[b]) * src.dtype.type(inv_count)
-            for c in range(c_):
-                base = np.uint64(b * ss[0] + c * ss[1])
-                tb = np.uint64(b * st[0] + c * st[1] + y * st[2])
-                rb = np.uint64(c * w)
-                for x in range(w):
-                    val = (wts[0][x] * src[base + off[0][x]] + wts[1][x] * src[base + off[1][x]]) + (
-                        wts[2][x] * src[base + off[2][x]] + wts[3][x] * src[base + off[3][x]])
-                    diff = val - tgt[tb + np.uint64(x) * np.uint64(st[3])]
-                    rowg[rb + np.uint64(x)] = g_b if diff > 0 else (-g_b if diff < 0 else zero)
-                ob = np.uint64(((b * c_ + c) * h + y) * w)
+            for y in range(y0, y1):
+                yf = disp.dtype.type(y)
+                ox, oy = b * 2 * hw + y * w, b * 2 * hw + hw + y * w
+                _row_positions(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
+                for c in range(c0, c1):
+                    base = np.uint64(b * ss[0] + c * ss[1])
+                    tb = np.uint64(b * st[0] + c * st[1] + y * st[2])
+                    rb = np.uint64(c * w)
+                    for x in range(w):
+                        val = (wts[0][x] * src[base + off[0][x]] + wts[1][x] * src[base + off[1][x]]) + (
+                            wts[2][x] * src[base + off[2][x]] + wts[3][x] * src[base + off[3][x]])
+                        diff = val - tgt[tb + np.uint64(x) * np.uint64(st[3])]
+                        rowg[rb + np.uint64(x)] = g_b if diff > 0 else (-g_b if diff < 0 else zero)
+                    if need_target:
+                        ob = np.uint64(((b * c_ + c) * h + y) * w)
+                        for x in range(w):
+                            # |NaN − t| has no slope: NaN, as autograd gives for abs at NaN.
+                            gtgt[ob + np.uint64(x)] = -rowg[rb + np.uint64(x)] if flags[2][x] else np.nan
                 if need_src:
-                    for x in range(w):
-                        gbuf[ob + np.uint64(x)] = rowg[rb + np.uint64(x)]
-                if need_target:
-                    for x in range(w):
-                        # |NaN − t| has no slope: NaN, as autograd gives for abs at NaN.
-                        gtgt[ob + np.uint64(x)] = -rowg[rb + np.uint64(x)] if flags[2][x] else np.nan
-            if need_disp:
-                _row_gradient_terms(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, scratch)
-                _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, rowg,
-                               np.uint64(0), np.uint64(w), np.uint64(1), c_, sums, w)
-                _disp_grad_row(gdisp, b * 2 * hw + y * w, hw, sums, flags, w)
+                    _scatter_row(rowg, np.uint64(0), np.uint64(w), np.uint64(1), off, wts,
+                                 gsrc, np.uint64(b * ss[0]), np.uint64(ss[1]), c0, c1, w)
+                if need_disp:
+                    _row_gradient_terms(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, scratch)
+                    _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, rowg,
+                                   np.uint64(0), np.uint64(w), np.uint64(1), c_, sums, w)
+                    _disp_grad_row(gdisp, b * 2 * hw + y * w, hw, sums, flags, w)
 
 
 # Below this many output values a call runs on the calling thread only: handing
@@ -622,41 +613,61 @@ def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.detach() if t.dtype == dtype else t.detach().to(dtype)
 
 
-def _source(src: torch.Tensor, acc: torch.dtype) -> tuple[np.ndarray, tuple[int, ...], int, int]:
+def _source(
+    src: torch.Tensor, acc: torch.dtype, like: torch.Tensor | None = None
+) -> tuple[np.ndarray, tuple[int, ...], int, int]:
     """src for the kernels: (flat array, strides, H_in, W_in).
 
+    With ``like`` (the ∂L/∂src buffer) src gets like's strides, copied if it
+    has others (a sliced or expanded src): the scatter reuses src's offsets.
     A source without pixels becomes one zero pixel: every sample then reads 0,
     as every neighbour of an empty source is outside it.
     """
     b, c, h_in, w_in = src.shape
     if h_in * w_in == 0:
         return *_flat(torch.zeros(b, c, 1, 1, dtype=acc)), 1, 1
-    return *_flat(_to(src, acc)), h_in, w_in
+    s = _to(src, acc)
+    if like is not None and s.stride() != like.stride():
+        s = s.contiguous(memory_format=_memory_format(src))
+    return *_flat(s), h_in, w_in
 
 
-def _empty_like_src(src: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """An uninitialized [B, C, H_in, W_in] buffer in src's memory format."""
-    return torch.empty(src.shape, dtype=acc, memory_format=_memory_format(src))
+def _field(t: torch.Tensor, acc: torch.dtype) -> np.ndarray:
+    """A per-pixel field (δ, logits), contiguous in the arithmetic dtype (a copy only if it is not), flat."""
+    return _flat(_to(t, acc).contiguous())[0]
 
 
-def _scatter(kernel, g: tuple[np.ndarray, tuple[int, ...]], fields: tuple[np.ndarray, ...],
-             grad_src: torch.Tensor | None, sizes: tuple[int, ...], padding: str) -> None:
-    """Fill grad_src (uninitialized) with the scatter of g (flat, strides) through the positions
-    ``kernel`` forms from ``fields``; sizes (B, C, H, W, H_in, W_in).
+def _none(acc: torch.dtype) -> np.ndarray:
+    """An empty array standing for a gradient that is not asked for."""
+    return np.empty(0, np.float64 if acc == torch.float64 else np.float32)
 
-    Work is split by batch element, and also by channel ranges when there are
-    fewer batch elements than threads; each task zeroes and fills its own planes.
-    """
-    if grad_src is None or grad_src.numel() == 0:
-        return
-    b, c, h, w = sizes[:4]
-    if b * c * h * w == 0:
-        grad_src.zero_()
-        return
+
+def _parts(b: int, n: int) -> int:
+    """Into how many parts (of n channels or rows) to cut each batch element: enough for torch's threads."""
     threads = torch.get_num_threads()
-    groups = min(c, -(-threads // b)) if b < threads else 1
-    args = (*g, *fields, *_flat(grad_src), sizes, padding == "border", groups)
-    _run(kernel, args, b * groups, b * c * h * w)
+    return 1 if b >= threads else max(1, min(n, -(-threads // b)))
+
+
+def _backward(kernel, head: tuple, gsrc: np.ndarray, sizes: tuple[int, ...], padding: str,
+              need_src: bool, needs: tuple[bool, ...]) -> None:
+    """Run a backward kernel over its tasks (see _unit); sizes (B, C, H, W, H_in, W_in).
+
+    needs[0] is the gradient that needs every channel of a pixel (δ, the
+    fields); with ∂L/∂src split by channels it gets a pass of its own.
+    """
+    b, c, h, w = sizes[:4]
+    if b * h * w == 0:
+        return
+    values = b * max(c, 1) * h * w
+    border = padding == "border"
+    parts = _parts(b, c if need_src else h)
+    if not need_src or parts == 1 or not needs[0]:
+        _run(kernel, (*head, gsrc, sizes, border, need_src, *needs, parts), b * parts, values)
+        return
+    _run(kernel, (*head, gsrc, sizes, border, True, False, *needs[1:], parts), b * parts, values)
+    rest = (True,) + (False,) * (len(needs) - 1)
+    parts = _parts(b, h)
+    _run(kernel, (*head, gsrc, sizes, border, False, *rest, parts), b * parts, values)
 
 
 def warp_forward(src: torch.Tensor, disp: torch.Tensor, padding: str) -> torch.Tensor:
@@ -668,9 +679,19 @@ def warp_forward(src: torch.Tensor, disp: torch.Tensor, padding: str) -> torch.T
     if out.numel():
         s, ss, h_in, w_in = _source(src, acc)
         sizes = (b, c, h, w, h_in, w_in)
-        d = _flat(_to(disp, acc).contiguous())[0]
-        _run(_warp_fwd, (s, ss, d, *_flat(out), sizes, padding == "border"), b * h, out.numel())
+        _run(_warp_fwd, (s, ss, _field(disp, acc), *_flat(out), sizes, padding == "border"), b * h, out.numel())
     return out.to(src.dtype)
+
+
+def _grad_src(src: torch.Tensor, acc: torch.dtype, need: bool, h: int, w: int) -> tuple[torch.Tensor | None, bool]:
+    """(the ∂L/∂src buffer or None, whether a kernel fills it): zeros when nothing reaches src."""
+    if not need:
+        return None, False
+    grad_src = torch.empty(src.shape, dtype=acc, memory_format=_memory_format(src))
+    scatter = grad_src.numel() > 0 and h * w > 0
+    if not scatter:
+        grad_src.zero_()
+    return grad_src, scatter
 
 
 def warp_backward(
@@ -678,26 +699,20 @@ def warp_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(∂L/∂src in src's dtype and memory format | None, ∂L/∂δ contiguous in disp's dtype | None)."""
     acc = _acc(src.dtype)
-    b, c, h_in, w_in = src.shape
+    b, c, _, _ = src.shape
     h, w = disp.shape[2:]
-    g = _flat(_to(grad_out, acc))
-    d = _flat(_to(disp, acc).contiguous())[0]
+    grad_src, scatter = _grad_src(src, acc, need_src, h, w)
     grad_disp = torch.empty(disp.shape, dtype=acc) if need_disp else None
-    if need_disp and b * h * w:
-        s, ss, hs, ws = _source(src, acc)
-        _run(_warp_bwd, (s, ss, d, *g, _flat(grad_disp)[0], (b, c, h, w, hs, ws), padding == "border"),
-             b * h, b * max(c, 1) * h * w)
-    grad_src = _empty_like_src(src, acc) if need_src else None
-    _scatter(_warp_scatter, g, (d,), grad_src, (b, c, h, w, h_in, w_in), padding)
+    if scatter or need_disp:
+        s, ss, h_in, w_in = _source(src, acc, grad_src if scatter else None)
+        head = (s, ss, _field(disp, acc), *_flat(_to(grad_out, acc)),
+                _flat(grad_disp)[0] if need_disp else _none(acc))
+        gs = _flat(grad_src)[0] if scatter else _none(acc)
+        _backward(_warp_bwd, head, gs, (b, c, h, w, h_in, w_in), padding, scatter, (need_disp,))
     return (
         grad_src.to(src.dtype) if need_src else None,
         grad_disp.to(disp.dtype) if need_disp else None,
     )
-
-
-def _fields(fields: tuple[torch.Tensor, ...], acc: torch.dtype) -> list[np.ndarray]:
-    """The merge's four fields, contiguous in the arithmetic dtype (a copy only if they are not), flat."""
-    return [_flat(_to(f, acc).contiguous())[0] for f in fields]
 
 
 def merged_warp_forward(
@@ -714,9 +729,9 @@ def merged_warp_forward(
     out = torch.empty((b, c, h, w), dtype=acc, memory_format=_memory_format(src))
     if out.numel():
         s, ss, h_in, w_in = _source(src, acc)
-        sizes = (b, c, h, w, h_in, w_in)
-        fields = _fields((disp_a, disp_b, logit_a, logit_b), acc)
-        _run(_merged_fwd, (s, ss, *fields, *_flat(out), sizes, padding == "border"), b * h, out.numel())
+        fields = [_field(f, acc) for f in (disp_a, disp_b, logit_a, logit_b)]
+        _run(_merged_fwd, (s, ss, *fields, *_flat(out), (b, c, h, w, h_in, w_in), padding == "border"),
+             b * h, out.numel())
     return out.to(src.dtype)
 
 
@@ -726,19 +741,17 @@ def merged_warp_backward(
 ) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
     """(∂L/∂src | None, [∂L/∂disp_a, ∂L/∂disp_b, ∂L/∂logit_a, ∂L/∂logit_b] (contiguous, fields' dtype) | None)."""
     acc = _acc(src.dtype)
-    b, c, h_in, w_in = src.shape
+    b, c, _, _ = src.shape
     h, w = disp_a.shape[2:]
     inputs = (disp_a, disp_b, logit_a, logit_b)
-    g = _flat(_to(grad_out, acc))
-    fields = _fields(inputs, acc)
+    grad_src, scatter = _grad_src(src, acc, need_src, h, w)
     grads = [torch.empty(f.shape, dtype=acc) for f in inputs] if need_fields else None
-    if need_fields and b * h * w:
-        s, ss, hs, ws = _source(src, acc)
-        gf = tuple(_flat(t)[0] for t in grads)
-        _run(_merged_bwd, (s, ss, *fields, *g, gf, (b, c, h, w, hs, ws), padding == "border"),
-             b * h, b * max(c, 1) * h * w)
-    grad_src = _empty_like_src(src, acc) if need_src else None
-    _scatter(_merged_scatter, g, tuple(fields), grad_src, (b, c, h, w, h_in, w_in), padding)
+    if scatter or need_fields:
+        s, ss, h_in, w_in = _source(src, acc, grad_src if scatter else None)
+        head = (s, ss, *[_field(f, acc) for f in inputs], *_flat(_to(grad_out, acc)),
+                tuple(_flat(t)[0] for t in grads) if need_fields else (_none(acc),) * 4)
+        gs = _flat(grad_src)[0] if scatter else _none(acc)
+        _backward(_merged_bwd, head, gs, (b, c, h, w, h_in, w_in), padding, scatter, (need_fields,))
     return (
         grad_src.to(src.dtype) if need_src else None,
         [t.to(f.dtype) for t, f in zip(grads, inputs)] if need_fields else None,
@@ -760,9 +773,9 @@ def warp_l1_forward(src: torch.Tensor, disp: torch.Tensor, target: torch.Tensor,
     part = np.empty(b * h, np.float64)
     if b:
         s, ss, h_in, w_in = _source(src, acc)
-        sizes = (b, c, h, w, h_in, w_in)
-        d = _flat(_to(disp, acc).contiguous())[0]
-        _run(_l1_fwd, (s, ss, d, *_flat(_to(target, acc)), part, sizes, padding == "border"), b * h, b * count)
+        args = (s, ss, _field(disp, acc), *_flat(_to(target, acc)), part, (b, c, h, w, h_in, w_in),
+                padding == "border")
+        _run(_l1_fwd, args, b * h, b * count)
     return torch.from_numpy(part.reshape(b, h).sum(axis=1) / count).to(acc)
 
 
@@ -775,24 +788,19 @@ def warp_l1_backward(
     ∂loss[b]/∂out = sign(out − target)/(C·H·W), 0 where they are equal.
     """
     acc = _acc(src.dtype)
-    b, c, h_in, w_in = src.shape
+    b, c, _, _ = src.shape
     h, w = disp.shape[2:]
     count = c * h * w
-    d = _flat(_to(disp, acc).contiguous())[0]
+    grad_src, scatter = _grad_src(src, acc, need_src, h, w)
     grad_disp = torch.zeros(disp.shape, dtype=acc) if need_disp else None
     grad_target = torch.zeros(target.shape, dtype=acc) if need_target else None
-    # ∂loss/∂out, contiguous: what the scatter spreads onto src.
-    gbuf = np.zeros(b * count if need_src else 0, np.float64 if acc == torch.float64 else np.float32)
-    if b * count and (need_src or need_disp or need_target):
-        s, ss, hs, ws = _source(src, acc)
-        none = np.empty(0, s.dtype)
-        gd = _flat(grad_disp)[0] if need_disp else none
-        gt = _flat(grad_target)[0] if need_target else none
-        gl = _to(grad_loss, acc).contiguous().numpy()
-        _run(_l1_bwd, (s, ss, d, *_flat(_to(target, acc)), gl, 1.0 / count, gbuf, gd, gt, (b, c, h, w, hs, ws),
-                       padding == "border", need_src, need_disp, need_target), b * h, b * count)
-    grad_src = _empty_like_src(src, acc) if need_src else None
-    _scatter(_warp_scatter, (gbuf, (count, h * w, w, 1)), (d,), grad_src, (b, c, h, w, h_in, w_in), padding)
+    if count and (scatter or need_disp or need_target):
+        s, ss, h_in, w_in = _source(src, acc, grad_src if scatter else None)
+        head = (s, ss, _field(disp, acc), *_flat(_to(target, acc)), _to(grad_loss, acc).contiguous().numpy(),
+                1.0 / count, _flat(grad_disp)[0] if need_disp else _none(acc),
+                _flat(grad_target)[0] if need_target else _none(acc))
+        gs = _flat(grad_src)[0] if scatter else _none(acc)
+        _backward(_l1_bwd, head, gs, (b, c, h, w, h_in, w_in), padding, scatter, (need_disp, need_target))
     return (
         grad_src.to(src.dtype) if need_src else None,
         grad_disp.to(disp.dtype) if need_disp else None,

@@ -325,28 +325,41 @@ def test_only_what_is_asked():
     assert grads is None and torch.allclose(gs, both[0], rtol=1e-6, atol=1e-7)
 
 
-def test_grad_src_bitwise_repeatable_with_two_threads(monkeypatch):
-    """Two threads, forced even on small inputs: the same bits every run, and as with one thread."""
-    gen = seeded("repeat")
-    src = torch.randn(3, 4, 16, 16, generator=gen)
+@pytest.mark.parametrize("batch", [3, 1], ids=["by_batch", "by_channels"])
+def test_grad_src_bitwise_repeatable_with_two_threads(monkeypatch, batch):
+    """Two threads, forced even on small inputs: the same bits every run, and as with one thread.
+
+    With one batch element the two threads split its channels.
+    """
+    gen = seeded("repeat", batch)
+    src = torch.randn(batch, 4, 16, 16, generator=gen)
     # Large, rough δ: many pixels send to the same src element.
-    disp = torch.randn(3, 2, 16, 16, generator=gen) * 6
-    grad_out = torch.randn(3, 4, 16, 16, generator=gen)
-    calls = []
+    disp = torch.randn(batch, 2, 16, 16, generator=gen) * 6
+    grad_out = torch.randn(batch, 4, 16, 16, generator=gen)
+    target = torch.randn(batch, 4, 16, 16, generator=gen)
+    tasks = []
     real_run = cpu._run
     monkeypatch.setattr(cpu, "PARALLEL_MIN_VALUES", 1)
-    monkeypatch.setattr(cpu, "_run", lambda *a: calls.append(min(torch.get_num_threads(), a[2])) or real_run(*a))
+    monkeypatch.setattr(cpu, "_run", lambda *a: tasks.append(a[2]) or real_run(*a))
+
+    def grads():
+        return (
+            cpu.warp_backward(grad_out, src, disp, "zeros", True, True),
+            cpu.warp_l1_backward(torch.ones(batch), src, disp, target, "zeros", True, True, True),
+        )
+
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = cpu.warp_backward(grad_out, src, disp, "zeros", True, False)[0]
+        one = grads()
         torch.set_num_threads(2)
-        runs = [cpu.warp_backward(grad_out, src, disp, "zeros", True, False)[0] for _ in range(5)]
+        runs = [grads() for _ in range(4)]
     finally:
         torch.set_num_threads(threads)
-    assert 2 in calls  # the scatter really ran on two threads
+    assert max(tasks) >= 2  # the work really was split
     for r in runs:
-        assert torch.equal(r, runs[0]) and torch.equal(r, one)
+        for a, b in zip([*r[0], *r[1]], [*one[0], *one[1]]):
+            assert torch.equal(a, b)
 
 
 def test_without_numba_one_warning(monkeypatch):
