@@ -244,7 +244,6 @@ if numba is not None:
             axw[6][x] = wx0 if vy1 else zero
             axw[7][x] = wx1 if vy1 else zero
 
-
     @_jit(inline="always")
     def _interpolate_row(src, base, off, wts, out, ob, os_w, w):
         """out[ob + x·os_w] = Σ_n wts[n][x] · src[base + off[n][x]]: one channel of one row."""
@@ -374,11 +373,14 @@ if numba is not None:
 
     @_jit(inline="always")
     def _zero_planes(gsrc, gs, b, c0, c1, h_in, w_in):
+        """Zero planes (b, c0 … c1 − 1) of gsrc (strides gs)."""
         zero = gsrc.dtype.type(0)
+        step = np.uint64(gs[3])
         for c in range(c0, c1):
             for yy in range(h_in):
+                row = np.uint64(b * gs[0] + c * gs[1] + yy * gs[2])
                 for xx in range(w_in):
-                    gsrc[b * gs[0] + c * gs[1] + yy * gs[2] + xx * gs[3]] = zero
+                    gsrc[row + np.uint64(xx) * step] = zero
 
     @_jit
     def _warp_bwd(src, ss, disp, g, sg, gdisp, gsrc, sizes, border, need_src, need_disp, groups, u0, u1):
