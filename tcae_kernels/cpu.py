@@ -604,15 +604,22 @@ def _flat(t: torch.Tensor) -> tuple[np.ndarray, tuple[int, ...]]:
     t: on the CPU, float32 or float64. An empty t gives a one-element dummy the kernels never read.
     """
     t = t.detach()
+    if t.is_contiguous():  # the common case, and the cheapest view
+        return t.numpy().reshape(-1), t.stride()
     if t.numel() == 0:
         return np.zeros(1, dtype=np.float64 if t.dtype == torch.float64 else np.float32), (0,) * t.dim()
     span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-    return t.as_strided((span,), (1,)).numpy(), tuple(t.stride())
+    return t.as_strided((span,), (1,)).numpy(), t.stride()
 
 
 def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """t in dtype, strides kept where they can be (a copy only for another dtype)."""
     return t.detach() if t.dtype == dtype else t.detach().to(dtype)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A result computed in the arithmetic dtype, in the dtype asked for."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _source(
@@ -682,7 +689,7 @@ def warp_forward(src: torch.Tensor, disp: torch.Tensor, padding: str) -> torch.T
         s, ss, h_in, w_in = _source(src, acc)
         sizes = (b, c, h, w, h_in, w_in)
         _run(_warp_fwd, (s, ss, _field(disp, acc), *_flat(out), sizes, padding == "border"), b * h, out.numel())
-    return out.to(src.dtype)
+    return _as(out, src.dtype)
 
 
 def _grad_src(src: torch.Tensor, acc: torch.dtype, need: bool, h: int, w: int) -> tuple[torch.Tensor | None, bool]:
@@ -712,8 +719,8 @@ def warp_backward(
         gs = _flat(grad_src)[0] if scatter else _none(acc)
         _backward(_warp_bwd, head, gs, (b, c, h, w, h_in, w_in), padding, scatter, (need_disp,))
     return (
-        grad_src.to(src.dtype) if need_src else None,
-        grad_disp.to(disp.dtype) if need_disp else None,
+        _as(grad_src, src.dtype) if need_src else None,
+        _as(grad_disp, disp.dtype) if need_disp else None,
     )
 
 
@@ -734,7 +741,7 @@ def merged_warp_forward(
         fields = [_field(f, acc) for f in (disp_a, disp_b, logit_a, logit_b)]
         _run(_merged_fwd, (s, ss, *fields, *_flat(out), (b, c, h, w, h_in, w_in), padding == "border"),
              b * h, out.numel())
-    return out.to(src.dtype)
+    return _as(out, src.dtype)
 
 
 def merged_warp_backward(
@@ -755,8 +762,8 @@ def merged_warp_backward(
         gs = _flat(grad_src)[0] if scatter else _none(acc)
         _backward(_merged_bwd, head, gs, (b, c, h, w, h_in, w_in), padding, scatter, (need_fields,))
     return (
-        grad_src.to(src.dtype) if need_src else None,
-        [t.to(f.dtype) for t, f in zip(grads, inputs)] if need_fields else None,
+        _as(grad_src, src.dtype) if need_src else None,
+        [_as(t, f.dtype) for t, f in zip(grads, inputs)] if need_fields else None,
     )
 
 
@@ -804,7 +811,7 @@ def warp_l1_backward(
         gs = _flat(grad_src)[0] if scatter else _none(acc)
         _backward(_l1_bwd, head, gs, (b, c, h, w, h_in, w_in), padding, scatter, (need_disp, need_target))
     return (
-        grad_src.to(src.dtype) if need_src else None,
-        grad_disp.to(disp.dtype) if need_disp else None,
-        grad_target.to(target.dtype) if need_target else None,
+        _as(grad_src, src.dtype) if need_src else None,
+        _as(grad_disp, disp.dtype) if need_disp else None,
+        _as(grad_target, target.dtype) if need_target else None,
     )
