@@ -252,6 +252,31 @@ if numba is not None:
                 wts[2][x] * src[base + off[2][x]] + wts[3][x] * src[base + off[3][x]]
             )
 
+    @_jit(inline="always")
+    def _interpolate_rows3(src, base, s_c, off, wts, out, ob, os_c, os_w, w):
+        """_interpolate_row for three channels at once: each pixel's offsets and weights are loaded once."""
+        b1 = base + s_c
+        b2 = b1 + s_c
+        o1 = ob + os_c
+        o2 = o1 + os_c
+        for x in range(w):
+            p0, p1, p2, p3 = off[0][x], off[1][x], off[2][x], off[3][x]
+            w0, w1, w2, w3 = wts[0][x], wts[1][x], wts[2][x], wts[3][x]
+            ux = np.uint64(x) * os_w
+            out[ob + ux] = (w0 * src[base + p0] + w1 * src[base + p1]) + (w2 * src[base + p2] + w3 * src[base + p3])
+            out[o1 + ux] = (w0 * src[b1 + p0] + w1 * src[b1 + p1]) + (w2 * src[b1 + p2] + w3 * src[b1 + p3])
+            out[o2 + ux] = (w0 * src[b2 + p0] + w1 * src[b2 + p1]) + (w2 * src[b2 + p2] + w3 * src[b2 + p3])
+
+    @_jit(inline="always")
+    def _interpolate_channels(src, ss, off, wts, out, so, b, y, c_, w):
+        """All channels of output row (b, y): three at a time, then the rest one by one."""
+        for c in range(0, c_ - 2, 3):
+            _interpolate_rows3(src, np.uint64(b * ss[0] + c * ss[1]), np.uint64(ss[1]), off, wts, out,
+                               np.uint64(b * so[0] + c * so[1] + y * so[2]), np.uint64(so[1]), np.uint64(so[3]), w)
+        for c in range(c_ - c_ % 3, c_):
+            _interpolate_row(src, np.uint64(b * ss[0] + c * ss[1]), off, wts,
+                             out, np.uint64(b * so[0] + c * so[1] + y * so[2]), np.uint64(so[3]), w)
+
     @_jit
     def _nan_where_not_finite(out, ob, os_c, os_w, c_, finite):
         for x in range(finite.shape[0]):
@@ -315,9 +340,7 @@ if numba is not None:
             y = q - b * h
             _row_positions(disp, b * 2 * hw + y * w, disp, b * 2 * hw + hw + y * w, xs, disp.dtype.type(y),
                            bounds, border, w_in, h_in, ss[2], ss[3], scratch)
-            for c in range(c_):
-                _interpolate_row(src, np.uint64(b * ss[0] + c * ss[1]), off, wts,
-                                 out, np.uint64(b * so[0] + c * so[1] + y * so[2]), np.uint64(so[3]), w)
+            _interpolate_channels(src, ss, off, wts, out, so, b, y, c_, w)
             _nan_where_not_finite(out, b * so[0] + y * so[2], so[1], so[3], c_, flags[2])
 
     @_jit
@@ -346,8 +369,25 @@ if numba is not None:
 
     @_jit(inline="always")
     def _scatter_row(g, gb, g_c, g_w, off, wts, gsrc, base, gs_c, c0, c1, w):
-        """∂L/∂src += g · wts[n] at off[n], channels c0 … c1 − 1 of one output row, pixels in order."""
-        for c in range(c0, c1):
+        """∂L/∂src += g · wts[n] at off[n], channels c0 … c1 − 1 of one output row, pixels in order.
+
+        Three channels at a time (each pixel's offsets and weights loaded once), then the rest.
+        """
+        for c in range(c0, c1 - 2, 3):
+            gp = gb + np.uint64(c) * g_c
+            sp = base + np.uint64(c) * gs_c
+            for x in range(w):
+                p0, p1, p2, p3 = off[0][x], off[1][x], off[2][x], off[3][x]
+                w0, w1, w2, w3 = wts[0][x], wts[1][x], wts[2][x], wts[3][x]
+                gq = gp + np.uint64(x) * g_w
+                for k in range(3):
+                    gv = g[gq + np.uint64(k) * g_c]
+                    sk = sp + np.uint64(k) * gs_c
+                    gsrc[sk + p0] += gv * w0
+                    gsrc[sk + p1] += gv * w1
+                    gsrc[sk + p2] += gv * w2
+                    gsrc[sk + p3] += gv * w3
+        for c in range(c1 - (c1 - c0) % 3, c1):
             gp = gb + np.uint64(c) * g_c
             sp = base + np.uint64(c) * gs_c
             for x in range(w):
@@ -479,9 +519,7 @@ if numba is not None:
             y = q - b * h
             _merge_row(fa, fb, la, lb, b, y, w, hw, rows)
             _row_positions(rows[5], 0, rows[6], 0, xs, np.float64(y), bounds, border, w_in, h_in, ss[2], ss[3], scratch)
-            for c in range(c_):
-                _interpolate_row(src, np.uint64(b * ss[0] + c * ss[1]), off, wts,
-                                 out, np.uint64(b * so[0] + c * so[1] + y * so[2]), np.uint64(so[3]), w)
+            _interpolate_channels(src, ss, off, wts, out, so, b, y, c_, w)
             _nan_where_not_finite(out, b * so[0] + y * so[2], so[1], so[3], c_, flags[2])
 
     @_jit
