@@ -1,10 +1,11 @@
 """Compiled CPU kernels of every warp op (numba): the Triton kernels' math as loops over pixels.
 
 numba compiles them with LLVM at the first call (no C/C++ toolchain on the
-user's machine: 2.5-5 s per kernel set) and caches the machine code on disk:
-in ``__pycache__`` next to this file when that is writable, else in
-``~/.cache/numba``, or in ``$NUMBA_CACHE_DIR`` when set; later processes load
-it in about 0.5 s. With no writable place at all they compile once per process.
+user's machine; 2-4 s for each op's forward or backward and dtype) and caches
+the machine code on disk: in ``__pycache__`` next to this file when that is
+writable, else in ``~/.cache/numba``, or in ``$NUMBA_CACHE_DIR`` when set;
+later processes load it in about 0.5 s. With no writable place at all they
+compile once per process.
 
 Semantics are those of the kernels in ``warp.py`` (SPEC sections 1-3): the
 same position arithmetic (weights (x − ⌊x̂⌋) − δ, bounds tested on δ, the
@@ -285,35 +286,52 @@ if numba is not None:
                     out[ob + c * os_c + x * os_w] = np.nan
 
     @_jit(inline="always")
+    def _slopes(src, p0, p1, p2, p3, axw, x):
+        """(∂out/∂x̂, ∂out/∂ŷ) of one channel at pixel x, its neighbours at src offsets p0 … p3."""
+        v00 = src[p0]
+        v01 = src[p1]
+        v10 = src[p2]
+        v11 = src[p3]
+        return ((axw[0][x] * v00 + axw[1][x] * v01) + (axw[2][x] * v10 + axw[3][x] * v11),
+                (axw[4][x] * v00 + axw[5][x] * v01) + (axw[6][x] * v10 + axw[7][x] * v11))
+
+    @_jit(inline="always")
     def _position_sums(src, sb, s_c, off, axw, g, gb, g_c, g_w, c_, sums, w):
         """sums[0, x] = Σ_c g·∂out/∂x̂ and sums[1, x] = Σ_c g·∂out/∂ŷ over one row (SPEC section 2).
 
         ∂out/∂x̂ = Σ_n axw[n][x]·v_n, ∂out/∂ŷ = Σ_n axw[4 + n][x]·v_n over the
-        neighbours' values v_n. Channels innermost, in order: each pixel's
-        slopes are loaded once.
+        neighbours' values v_n. Channels in order: three per pass over the row, then one.
         """
-        zero = sums.dtype.type(0)
-        for x in range(w):
-            p0 = sb + off[0][x]
-            p1 = sb + off[1][x]
-            p2 = sb + off[2][x]
-            p3 = sb + off[3][x]
-            kx0, kx1, kx2, kx3 = axw[0][x], axw[1][x], axw[2][x], axw[3][x]
-            ky0, ky1, ky2, ky3 = axw[4][x], axw[5][x], axw[6][x], axw[7][x]
-            gp = gb + np.uint64(x) * g_w
-            sx = zero
-            sy = zero
-            for c in range(c_):
-                cs = np.uint64(c) * s_c
-                v00 = src[p0 + cs]
-                v01 = src[p1 + cs]
-                v10 = src[p2 + cs]
-                v11 = src[p3 + cs]
-                gv = g[gp + np.uint64(c) * g_c]
-                sx += gv * ((kx0 * v00 + kx1 * v01) + (kx2 * v10 + kx3 * v11))
-                sy += gv * ((ky0 * v00 + ky1 * v01) + (ky2 * v10 + ky3 * v11))
-            sums[0, x] = sx
-            sums[1, x] = sy
+        sx = sums[0]
+        sy = sums[1]
+        sx[:] = 0
+        sy[:] = 0
+        for c in range(0, c_ - 2, 3):
+            c0 = sb + np.uint64(c) * s_c
+            c1 = c0 + s_c
+            c2 = c1 + s_c
+            g0 = gb + np.uint64(c) * g_c
+            g1 = g0 + g_c
+            g2 = g1 + g_c
+            for x in range(w):
+                o0, o1, o2, o3 = off[0][x], off[1][x], off[2][x], off[3][x]
+                ux = np.uint64(x) * g_w
+                a0, b0 = _slopes(src, c0 + o0, c0 + o1, c0 + o2, c0 + o3, axw, x)
+                a1, b1 = _slopes(src, c1 + o0, c1 + o1, c1 + o2, c1 + o3, axw, x)
+                a2, b2 = _slopes(src, c2 + o0, c2 + o1, c2 + o2, c2 + o3, axw, x)
+                gv0 = g[g0 + ux]
+                gv1 = g[g1 + ux]
+                gv2 = g[g2 + ux]
+                sx[x] = ((sx[x] + gv0 * a0) + gv1 * a1) + gv2 * a2
+                sy[x] = ((sy[x] + gv0 * b0) + gv1 * b1) + gv2 * b2
+        for c in range(c_ - c_ % 3, c_):
+            cb = sb + np.uint64(c) * s_c
+            gp = gb + np.uint64(c) * g_c
+            for x in range(w):
+                a, b = _slopes(src, cb + off[0][x], cb + off[1][x], cb + off[2][x], cb + off[3][x], axw, x)
+                gv = g[gp + np.uint64(x) * g_w]
+                sx[x] += gv * a
+                sy[x] += gv * b
 
     @_jit(inline="always")
     def _disp_grad_row(gdisp, gd, hw, sums, flags, w):
