@@ -216,11 +216,11 @@ if numba is not None:
         uox = np.uint64(ox)
         uoy = np.uint64(oy)
         for x in range(xs.shape[0]):
+            # _axis's gate: with border padding, δ gets no gradient where the position is on or past the edge.
             dx = dsx[uox + np.uint64(x)]
             dy = dsy[uoy + np.uint64(x)]
-            f = (dx - dx == zero) and (dy - dy == zero)
-            flags[0][x] = _axis(xs[x], dx if f else xs[x], lo_x, hi_x, border, one)[2]
-            flags[1][x] = _axis(yf, dy if f else yf, lo_y, hi_y, border, one)[2]
+            flags[0][x] = (dx < xs[x] and dx > xs[x] - hi_x) if border else True
+            flags[1][x] = (dy < yf and dy > yf - hi_y) if border else True
         for x in range(xs.shape[0]):
             dx = dsx[uox + np.uint64(x)]
             dy = dsy[uoy + np.uint64(x)]
