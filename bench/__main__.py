@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     impls, check_only = select_impls(args, device)
-    primary = next((i for i in ("ours", "fallback") if i in impls), impls[0])
+    primary = next((i for i in ("ours", "cpu", "fallback") if i in impls), impls[0])
     cases = select_cases(args, device)
     rep = args.rep_ms or (5.0 if args.quick else 25.0)
     timer = Timer(device, warmup_ms=rep / 2, rep_ms=rep)

@@ -34,7 +34,9 @@ def backend(impl: str, src: torch.Tensor) -> str:
     """What actually runs for ``impl`` on ``src``'s device."""
     if impl == "ours" and implementation(src.device) != "pytorch":
         return "triton" if src.is_cuda else "triton-interpreter"
-    return {"ours": "torch-fallback", "fallback": "torch-fallback", "naive": "torch"}.get(impl, "grid_sample")
+    return {"ours": "torch-fallback", "fallback": "torch-fallback", "cpu": "numba", "naive": "torch"}.get(
+        impl, "grid_sample"
+    )
 
 
 def timed_fn(prep: Prepared, grad_out: torch.Tensor, what: str) -> Callable[[], object]:

@@ -1,0 +1,873 @@
+"""Compiled CPU kernels of every warp op (numba): the Triton kernels' math as loops over pixels.
+
+numba compiles them with LLVM at the first call (no C/C++ toolchain on the
+user's machine; 2-4 s for each op's forward or backward and dtype) and caches
+the machine code on disk: in ``__pycache__`` next to this file when that is
+writable, else in ``~/.cache/numba``, or in ``$NUMBA_CACHE_DIR`` when set;
+later processes load it in about 0.5 s. With no writable place at all they
+compile once per process.
+
+Semantics are those of the kernels in ``warp.py`` (SPEC sections 1-3): the
+same position arithmetic (weights (x − ⌊x̂⌋) − δ, bounds tested on δ, the
+"below" floor correction, border gates), NaN at a non-finite δ, which sends
+nothing to ∂L/∂src. Arithmetic is float32 (float64 for float64 src);
+float16/bfloat16 inputs are converted to float32 at the boundary (one copy
+each way). ``merged_warp`` merges the displacements and forms positions in
+float64, as its kernel does.
+
+Layouts: src, grad_out and target are read in place through their strides
+(NCHW, channels_last, slices, expanded: no copy); δ and the merge's fields are
+made contiguous (a copy only if they are not; they are small). Results follow
+src's memory format; gradients of δ and the fields are contiguous.
+
+Threads: torch.get_num_threads() of them, on a small pool of Python threads
+(the kernels release the GIL); calls below PARALLEL_MIN_VALUES output values
+stay on the calling thread. numba's own threading layers are not used: on a
+busy machine their OpenMP workers spin against torch's.
+
+Determinism: forward, loss and ∂L/∂δ reduce per pixel or per row in a fixed
+order. ∂L/∂src is a scatter: each task owns whole (b, c) planes and adds its
+pixels' contributions row by row, pixel by pixel. The result is bitwise the
+same for any number of threads.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+try:
+    import numba
+    from numba import njit
+except Exception as e:  # noqa: BLE001 - not installed, or refusing this numpy: the eager path serves
+    numba = None
+    _IMPORT_ERROR: Exception | None = e
+else:
+    _IMPORT_ERROR = None
+
+def available() -> bool:
+    """Whether numba imported (so the compiled CPU kernels can run)."""
+    return numba is not None
+
+
+@functools.cache
+def kernels_or_none() -> SimpleNamespace | None:
+    """This module's six entry points when numba is usable, else None after one warning.
+
+    The caller registers them as the CPU kernels of the custom ops, or keeps
+    the eager PyTorch fallback when this returns None.
+    """
+    if available():
+        return SimpleNamespace(
+            warp_forward=warp_forward, warp_backward=warp_backward,
+            merged_warp_forward=merged_warp_forward, merged_warp_backward=merged_warp_backward,
+            warp_l1_forward=warp_l1_forward, warp_l1_backward=warp_l1_backward,
+        )
+    warnings.warn(
+        f"tcae_kernels: numba is not usable ({type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR}); CPU tensors "
+        "run the eager PyTorch fallback, several times slower. pip install 'tcae-kernels[cpu]' to fix.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return None
+
+
+def _jit(fn=None, **options):
+    """Serial, GIL-free machine code, cached on disk (or per process where no cache directory is writable)."""
+    if fn is None:
+        return lambda f: _jit(f, **options)
+    try:
+        return njit(cache=True, nogil=True, fastmath=False, error_model="numpy", **options)(fn)
+    except RuntimeError:  # numba: "cannot cache function ...: no locator available for file"
+        return njit(cache=False, nogil=True, fastmath=False, error_model="numpy", **options)(fn)
+
+
+# How the kernels are written, and why:
+# - Typed constants come from array dtypes (a.dtype.type(1)): numba would widen
+#   float32 arithmetic with a Python literal to float64.
+# - Each output row is processed in short loops over its pixels that LLVM
+#   vectorizes: first the positions into a row scratch, then one loop per
+#   channel. A loop that stores into more than ~10 arrays is left scalar by
+#   LLVM (too many runtime alias checks), hence several small loops.
+# - Offsets are uint64: numba adds a negative-index wraparound to signed
+#   indices, which turns contiguous loads into slow gathers.
+# A row scratch (see _scratch) holds for each pixel x of the row: off[n][x],
+# the offset in src of neighbour n (00, 01, 10, 11: (y0, x0), (y0, x1), ...),
+# clamped into src; wts[n][x], its bilinear weight (0 outside src and at a
+# non-finite δ); axw[k][x], the slopes of the four weights along x̂ (k < 4) and
+# along ŷ (k ≥ 4), for ∂L/∂δ; flags[k][x]: gate_x, gate_y, finite.
+# Reading a clamped neighbour with weight 0 instead of skipping it is what the
+# float64 reference and the eager fallback do too; it differs from skipping only
+# where a non-finite src or ∂L/∂out value meets a zero weight (0·Inf is NaN).
+if numba is not None:
+
+    @_jit
+    def _bounds(size, border, one):
+        """Clamp bounds of one axis: [0, size − 1] for border, [−2, size + 1] for zeros (size as a float)."""
+        if border:
+            return one - one, size - one
+        return -(one + one), size + one
+
+    @_jit
+    def _axis(coord, d, lo, hi, border, one):
+        """One axis of the position coord − d (pixels): left neighbour i0, right weight a, gradient gate.
+
+        As ``warp._axis``: the weight is (coord − i0) − d, exact for δ of a few
+        pixels at any distance from the origin, and the position is clamped in
+        floating point before an integer is formed.
+        """
+        t = coord - d
+        # Bounds are tested on d, exactly: t itself may have rounded onto one.
+        inside = d >= coord - hi and d <= coord - lo
+        tc = min(max(t, lo), hi)
+        i0 = np.floor(tc)
+        a = (coord - i0) - d if inside else tc - i0
+        # t was rounded: it may sit on the integer just above its true floor.
+        below = a < 0
+        i0 = i0 - one if below else i0
+        a = a + one if below else a
+        gate = (d < coord and d > coord - hi) if border else True
+        return int(i0), a, gate
+
+    @_jit(inline="always")
+    def _scratch(w, like):
+        """A row scratch for W pixels (layout above), floats in like's dtype."""
+        f = like.dtype
+        return (
+            (np.empty(w, np.uint64), np.empty(w, np.uint64), np.empty(w, np.uint64), np.empty(w, np.uint64)),
+            (np.empty(w, f), np.empty(w, f), np.empty(w, f), np.empty(w, f)),
+            (np.empty(w, f), np.empty(w, f), np.empty(w, f), np.empty(w, f),
+             np.empty(w, f), np.empty(w, f), np.empty(w, f), np.empty(w, f)),
+            (np.empty(w, np.bool_), np.empty(w, np.bool_), np.empty(w, np.bool_)),
+        )
+
+    @_jit
+    def _coords(w, like):
+        """0 … W − 1 in like's dtype (the position dtype)."""
+        xs = np.empty(w, like.dtype)
+        for x in range(w):
+            xs[x] = like.dtype.type(x)
+        return xs
+
+    @_jit
+    def _clamp_bounds(like, w_in, h_in, border):
+        """(lo_x, hi_x, lo_y, hi_y) in like's dtype (the position dtype)."""
+        t = like.dtype.type
+        lo_x, hi_x = _bounds(t(w_in), border, t(1))
+        lo_y, hi_y = _bounds(t(h_in), border, t(1))
+        return lo_x, hi_x, lo_y, hi_y
+
+    @_jit(inline="always")
+    def _row_positions(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, s_h, s_w, scratch):
+        """off, wts and finite of one output row; δ of pixel x is (dsx[ox + x], dsy[oy + x]).
+
+        xs holds the x coordinates, yf the row's y, both in δ's dtype (the
+        position dtype); s_h, s_w: src's strides.
+        """
+        off, wts, _, flags = scratch
+        lo_x, hi_x, lo_y, hi_y = bounds
+        one = xs.dtype.type(1)
+        zero = one - one
+        us_h = np.uint64(s_h)
+        us_w = np.uint64(s_w)
+        uox = np.uint64(ox)
+        uoy = np.uint64(oy)
+        for x in range(xs.shape[0]):
+            dx = dsx[uox + np.uint64(x)]
+            dy = dsy[uoy + np.uint64(x)]
+            xf = xs[x]
+            f = (dx - dx == zero) and (dy - dy == zero)
+            # A non-finite δ samples at its own pixel with zero weights; callers write NaN.
+            dx = dx if f else xf
+            dy = dy if f else yf
+            x0, ax, _ = _axis(xf, dx, lo_x, hi_x, border, one)
+            y0, ay, _ = _axis(yf, dy, lo_y, hi_y, border, one)
+            wx0 = one - ax if x0 >= 0 and x0 < w_in and f else zero
+            wx1 = ax if x0 >= -1 and x0 < w_in - 1 and f else zero
+            wy0 = one - ay if y0 >= 0 and y0 < h_in and f else zero
+            wy1 = ay if y0 >= -1 and y0 < h_in - 1 and f else zero
+            cx0 = np.uint64(min(max(x0, 0), w_in - 1)) * us_w
+            cx1 = np.uint64(min(max(x0 + 1, 0), w_in - 1)) * us_w
+            cy0 = np.uint64(min(max(y0, 0), h_in - 1)) * us_h
+            cy1 = np.uint64(min(max(y0 + 1, 0), h_in - 1)) * us_h
+            off[0][x] = cy0 + cx0
+            off[1][x] = cy0 + cx1
+            off[2][x] = cy1 + cx0
+            off[3][x] = cy1 + cx1
+            wts[0][x] = wy0 * wx0
+            wts[1][x] = wy0 * wx1
+            wts[2][x] = wy1 * wx0
+            wts[3][x] = wy1 * wx1
+            flags[2][x] = f
+
+    @_jit(inline="always")
+    def _row_gradient_terms(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, scratch):
+        """The slopes axw and the gates of one output row (arguments as _row_positions): what ∂L/∂δ needs."""
+        _, _, axw, flags = scratch
+        lo_x, hi_x, lo_y, hi_y = bounds
+        one = xs.dtype.type(1)
+        zero = one - one
+        uox = np.uint64(ox)
+        uoy = np.uint64(oy)
+        for x in range(xs.shape[0]):
+            # _axis's gate: with border padding, δ gets no gradient where the position is on or past the edge.
+            dx = dsx[uox + np.uint64(x)]
+            dy = dsy[uoy + np.uint64(x)]
+            flags[0][x] = (dx < xs[x] and dx > xs[x] - hi_x) if border else True
+            flags[1][x] = (dy < yf and dy > yf - hi_y) if border else True
+        for x in range(xs.shape[0]):
+            dx = dsx[uox + np.uint64(x)]
+            dy = dsy[uoy + np.uint64(x)]
+            f = (dx - dx == zero) and (dy - dy == zero)
+            x0, ax, _ = _axis(xs[x], dx if f else xs[x], lo_x, hi_x, border, one)
+            y0, ay, _ = _axis(yf, dy if f else yf, lo_y, hi_y, border, one)
+            vx0 = x0 >= 0 and x0 < w_in
+            vx1 = x0 >= -1 and x0 < w_in - 1
+            vy0 = y0 >= 0 and y0 < h_in
+            vy1 = y0 >= -1 and y0 < h_in - 1
+            wx0 = one - ax if vx0 and f else zero
+            wx1 = ax if vx1 and f else zero
+            wy0 = one - ay if vy0 and f else zero
+            wy1 = ay if vy1 and f else zero
+            # ∂wts[n]/∂x̂ and ∂wts[n]/∂ŷ: the slopes of the zero-filled bilinear interpolation.
+            axw[0][x] = -wy0 if vx0 else zero
+            axw[1][x] = wy0 if vx1 else zero
+            axw[2][x] = -wy1 if vx0 else zero
+            axw[3][x] = wy1 if vx1 else zero
+            axw[4][x] = -wx0 if vy0 else zero
+            axw[5][x] = -wx1 if vy0 else zero
+            axw[6][x] = wx0 if vy1 else zero
+            axw[7][x] = wx1 if vy1 else zero
+
+    @_jit(inline="always")
+    def _interpolate_row(src, base, off, wts, out, ob, os_w, w):
+        """out[ob + x·os_w] = Σ_n wts[n][x] · src[base + off[n][x]]: one channel of one row."""
+        for x in range(w):
+            out[ob + np.uint64(x) * os_w] = (wts[0][x] * src[base + off[0][x]] + wts[1][x] * src[base + off[1][x]]) + (
+                wts[2][x] * src[base + off[2][x]] + wts[3][x] * src[base + off[3][x]]
+            )
+
+    @_jit(inline="always")
+    def _interpolate_rows3(src, base, s_c, off, wts, out, ob, os_c, os_w, w):
+        """_interpolate_row for three channels at once: each pixel's offsets and weights are loaded once."""
+        b1 = base + s_c
+        b2 = b1 + s_c
+        o1 = ob + os_c
+        o2 = o1 + os_c
+        for x in range(w):
+            p0, p1, p2, p3 = off[0][x], off[1][x], off[2][x], off[3][x]
+            w0, w1, w2, w3 = wts[0][x], wts[1][x], wts[2][x], wts[3][x]
+            ux = np.uint64(x) * os_w
+            out[ob + ux] = (w0 * src[base + p0] + w1 * src[base + p1]) + (w2 * src[base + p2] + w3 * src[base + p3])
+            out[o1 + ux] = (w0 * src[b1 + p0] + w1 * src[b1 + p1]) + (w2 * src[b1 + p2] + w3 * src[b1 + p3])
+            out[o2 + ux] = (w0 * src[b2 + p0] + w1 * src[b2 + p1]) + (w2 * src[b2 + p2] + w3 * src[b2 + p3])
+
+    @_jit(inline="always")
+    def _interpolate_channels(src, ss, off, wts, out, so, b, y, c_, w):
+        """All channels of output row (b, y): three at a time, then the rest one by one."""
+        for c in range(0, c_ - 2, 3):
+            _interpolate_rows3(src, np.uint64(b * ss[0] + c * ss[1]), np.uint64(ss[1]), off, wts, out,
+                               np.uint64(b * so[0] + c * so[1] + y * so[2]), np.uint64(so[1]), np.uint64(so[3]), w)
+        for c in range(c_ - c_ % 3, c_):
+            _interpolate_row(src, np.uint64(b * ss[0] + c * ss[1]), off, wts,
+                             out, np.uint64(b * so[0] + c * so[1] + y * so[2]), np.uint64(so[3]), w)
+
+    @_jit
+    def _nan_where_not_finite(out, ob, os_c, os_w, c_, finite):
+        for x in range(finite.shape[0]):
+            if not finite[x]:
+                for c in range(c_):
+                    out[ob + c * os_c + x * os_w] = np.nan
+
+    @_jit(inline="always")
+    def _slopes(src, p0, p1, p2, p3, axw, x):
+        """(∂out/∂x̂, ∂out/∂ŷ) of one channel at pixel x, its neighbours at src offsets p0 … p3."""
+        v00 = src[p0]
+        v01 = src[p1]
+        v10 = src[p2]
+        v11 = src[p3]
+        return ((axw[0][x] * v00 + axw[1][x] * v01) + (axw[2][x] * v10 + axw[3][x] * v11),
+                (axw[4][x] * v00 + axw[5][x] * v01) + (axw[6][x] * v10 + axw[7][x] * v11))
+
+    @_jit(inline="always")
+    def _position_sums(src, sb, s_c, off, axw, g, gb, g_c, g_w, c_, sums, w):
+        """sums[0, x] = Σ_c g·∂out/∂x̂ and sums[1, x] = Σ_c g·∂out/∂ŷ over one row (SPEC section 2).
+
+        ∂out/∂x̂ = Σ_n axw[n][x]·v_n, ∂out/∂ŷ = Σ_n axw[4 + n][x]·v_n over the
+        neighbours' values v_n. Channels in order: three per pass over the row, then one.
+        """
+        sx = sums[0]
+        sy = sums[1]
+        sx[:] = 0
+        sy[:] = 0
+        for c in range(0, c_ - 2, 3):
+            c0 = sb + np.uint64(c) * s_c
+            c1 = c0 + s_c
+            c2 = c1 + s_c
+            g0 = gb + np.uint64(c) * g_c
+            g1 = g0 + g_c
+            g2 = g1 + g_c
+            for x in range(w):
+                o0, o1, o2, o3 = off[0][x], off[1][x], off[2][x], off[3][x]
+                ux = np.uint64(x) * g_w
+                a0, b0 = _slopes(src, c0 + o0, c0 + o1, c0 + o2, c0 + o3, axw, x)
+                a1, b1 = _slopes(src, c1 + o0, c1 + o1, c1 + o2, c1 + o3, axw, x)
+                a2, b2 = _slopes(src, c2 + o0, c2 + o1, c2 + o2, c2 + o3, axw, x)
+                gv0 = g[g0 + ux]
+                gv1 = g[g1 + ux]
+                gv2 = g[g2 + ux]
+                sx[x] = ((sx[x] + gv0 * a0) + gv1 * a1) + gv2 * a2
+                sy[x] = ((sy[x] + gv0 * b0) + gv1 * b1) + gv2 * b2
+        for c in range(c_ - c_ % 3, c_):
+            cb = sb + np.uint64(c) * s_c
+            gp = gb + np.uint64(c) * g_c
+            for x in range(w):
+                a, b = _slopes(src, cb + off[0][x], cb + off[1][x], cb + off[2][x], cb + off[3][x], axw, x)
+                gv = g[gp + np.uint64(x) * g_w]
+                sx[x] += gv * a
+                sy[x] += gv * b
+
+    @_jit(inline="always")
+    def _disp_grad_row(gdisp, gd, hw, sums, flags, w):
+        """One row of ∂L/∂δ (contiguous [B, 2, H, W], row offset gd): −sums where gated, NaN where δ is not finite."""
+        zero = sums.dtype.type(0)
+        ux = np.uint64(gd)
+        uy = np.uint64(gd + hw)
+        for x in range(w):
+            # ∂x̂/∂δx = −1.
+            gdisp[ux + np.uint64(x)] = (-sums[0, x] if flags[0][x] else zero) if flags[2][x] else np.nan
+            gdisp[uy + np.uint64(x)] = (-sums[1, x] if flags[1][x] else zero) if flags[2][x] else np.nan
+
+    @_jit
+    def _warp_fwd(src, ss, disp, out, so, sizes, border, r0, r1):
+        """Rows r0 … r1 − 1 (over B·H) of T(src, δ); disp contiguous [B, 2, H, W]."""
+        b_, c_, h, w, h_in, w_in = sizes
+        hw = h * w
+        xs = _coords(w, disp)
+        bounds = _clamp_bounds(disp, w_in, h_in, border)
+        scratch = _scratch(w, src)
+        off, wts, _, flags = scratch
+        for q in range(r0, r1):
+            b = q // h
+            y = q - b * h
+            _row_positions(disp, b * 2 * hw + y * w, disp, b * 2 * hw + hw + y * w, xs, disp.dtype.type(y),
+                           bounds, border, w_in, h_in, ss[2], ss[3], scratch)
+            _interpolate_channels(src, ss, off, wts, out, so, b, y, c_, w)
+            _nan_where_not_finite(out, b * so[0] + y * so[2], so[1], so[3], c_, flags[2])
+
+    @_jit
+    def _merge_row(fa, fb, la, lb, b, y, w, hw, rows):
+        """δ_a, δ_b, w_a and the merged δ of one row, float64 (rows [7, W]: dax day dbx dby wa dx dy).
+
+        The fields are contiguous. w_a = sigmoid(l_a − l_b), as ``merge_displacements``.
+        """
+        od = np.uint64(b * 2 * hw + y * w)
+        ol = np.uint64(b * hw + y * w)
+        uhw = np.uint64(hw)
+        for x in range(w):
+            o = od + np.uint64(x)
+            dax = np.float64(fa[o])
+            day = np.float64(fa[o + uhw])
+            dbx = np.float64(fb[o])
+            dby = np.float64(fb[o + uhw])
+            wa = 1.0 / (1.0 + np.exp(np.float64(lb[ol + np.uint64(x)]) - np.float64(la[ol + np.uint64(x)])))
+            rows[0, x] = dax
+            rows[1, x] = day
+            rows[2, x] = dbx
+            rows[3, x] = dby
+            rows[4, x] = wa
+            rows[5, x] = wa * dax + (1.0 - wa) * dbx
+            rows[6, x] = wa * day + (1.0 - wa) * dby
+
+    @_jit(inline="always")
+    def _scatter_row(g, gb, g_c, g_w, off, wts, gsrc, base, gs_c, c0, c1, w):
+        """∂L/∂src += g · wts[n] at off[n], channels c0 … c1 − 1 of one output row, pixels in order.
+
+        Three channels at a time (each pixel's offsets and weights loaded once), then the rest.
+        """
+        for c in range(c0, c1 - 2, 3):
+            gp = gb + np.uint64(c) * g_c
+            sp = base + np.uint64(c) * gs_c
+            for x in range(w):
+                p0, p1, p2, p3 = off[0][x], off[1][x], off[2][x], off[3][x]
+                w0, w1, w2, w3 = wts[0][x], wts[1][x], wts[2][x], wts[3][x]
+                gq = gp + np.uint64(x) * g_w
+                for k in range(3):
+                    gv = g[gq + np.uint64(k) * g_c]
+                    sk = sp + np.uint64(k) * gs_c
+                    gsrc[sk + p0] += gv * w0
+                    gsrc[sk + p1] += gv * w1
+                    gsrc[sk + p2] += gv * w2
+                    gsrc[sk + p3] += gv * w3
+        for c in range(c1 - (c1 - c0) % 3, c1):
+            gp = gb + np.uint64(c) * g_c
+            sp = base + np.uint64(c) * gs_c
+            for x in range(w):
+                gv = g[gp + np.uint64(x) * g_w]
+                gsrc[sp + off[0][x]] += gv * wts[0][x]
+                gsrc[sp + off[1][x]] += gv * wts[1][x]
+                gsrc[sp + off[2][x]] += gv * wts[2][x]
+                gsrc[sp + off[3][x]] += gv * wts[3][x]
+
+    @_jit(inline="always")
+    def _unit(u, groups, need_src, c_, h):
+        """Batch element, channel range and row range of backward task u.
+
+        A task is one of ``groups`` parts of a batch element: a range of
+        channels (all rows) when it scatters ∂L/∂src, so that it owns whole
+        planes; otherwise a range of rows (all channels).
+        """
+        b = u // groups
+        k = u - b * groups
+        if need_src:
+            return b, c_ * k // groups, c_ * (k + 1) // groups, 0, h
+        return b, 0, c_, h * k // groups, h * (k + 1) // groups
+
+    @_jit(inline="always")
+    def _zero_planes(gsrc, gs, b, c0, c1, h_in, w_in):
+        """Zero planes (b, c0 … c1 − 1) of gsrc (strides gs)."""
+        zero = gsrc.dtype.type(0)
+        step = np.uint64(gs[3])
+        for c in range(c0, c1):
+            for yy in range(h_in):
+                row = np.uint64(b * gs[0] + c * gs[1] + yy * gs[2])
+                for xx in range(w_in):
+                    gsrc[row + np.uint64(xx) * step] = zero
+
+    @_jit
+    def _warp_bwd(src, ss, disp, g, sg, gdisp, gsrc, sizes, border, need_src, need_disp, groups, u0, u1):
+        """Backward tasks u0 … u1 − 1 (see _unit): ∂L/∂src of the task's planes into gsrc (src's
+        strides; zeroed first) and/or ∂L/∂δ of its rows into gdisp (contiguous [B, 2, H, W]).
+
+        Both at once only with one task per batch element (groups = 1): ∂L/∂δ needs every channel.
+        Each plane sums its terms row by row, pixel by pixel, however the work is split.
+        """
+        b_, c_, h, w, h_in, w_in = sizes
+        hw = h * w
+        xs = _coords(w, disp)
+        bounds = _clamp_bounds(disp, w_in, h_in, border)
+        scratch = _scratch(w, src)
+        off, wts, axw, flags = scratch
+        sums = np.empty((2, w), src.dtype)
+        for u in range(u0, u1):
+            b, c0, c1, y0, y1 = _unit(u, groups, need_src, c_, h)
+            if need_src:
+                _zero_planes(gsrc, ss, b, c0, c1, h_in, w_in)
+            for y in range(y0, y1):
+                yf = disp.dtype.type(y)
+                ox, oy = b * 2 * hw + y * w, b * 2 * hw + hw + y * w
+                _row_positions(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
+                gb = np.uint64(b * sg[0] + y * sg[2])
+                if need_src:
+                    _scatter_row(g, gb, np.uint64(sg[1]), np.uint64(sg[3]), off, wts,
+                                 gsrc, np.uint64(b * ss[0]), np.uint64(ss[1]), c0, c1, w)
+                if need_disp:
+                    _row_gradient_terms(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, scratch)
+                    _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, g,
+                                   gb, np.uint64(sg[1]), np.uint64(sg[3]), c_, sums, w)
+                    _disp_grad_row(gdisp, b * 2 * hw + y * w, hw, sums, flags, w)
+
+    @_jit
+    def _merged_bwd(src, ss, fa, fb, la, lb, g, sg, grads, gsrc, sizes, border, need_src, need_fields,
+                    groups, u0, u1):
+        """As _warp_bwd for the merged δ: ∂L/∂src and/or the four fields' gradients (grads, contiguous)."""
+        b_, c_, h, w, h_in, w_in = sizes
+        hw = h * w
+        gfa, gfb, gla, glb = grads
+        rows = np.empty((7, w), np.float64)
+        xs = _coords(w, rows)
+        bounds = _clamp_bounds(rows, w_in, h_in, border)
+        scratch = _scratch(w, src)
+        off, wts, axw, flags = scratch
+        sums = np.empty((2, w), src.dtype)
+        for u in range(u0, u1):
+            b, c0, c1, y0, y1 = _unit(u, groups, need_src, c_, h)
+            if need_src:
+                _zero_planes(gsrc, ss, b, c0, c1, h_in, w_in)
+            for y in range(y0, y1):
+                yf = np.float64(y)
+                _merge_row(fa, fb, la, lb, b, y, w, hw, rows)
+                _row_positions(rows[5], 0, rows[6], 0, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
+                gb = np.uint64(b * sg[0] + y * sg[2])
+                if need_src:
+                    _scatter_row(g, gb, np.uint64(sg[1]), np.uint64(sg[3]), off, wts,
+                                 gsrc, np.uint64(b * ss[0]), np.uint64(ss[1]), c0, c1, w)
+                if not need_fields:
+                    continue
+                _row_gradient_terms(rows[5], 0, rows[6], 0, xs, yf, bounds, border, w_in, h_in, scratch)
+                _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, g,
+                               gb, np.uint64(sg[1]), np.uint64(sg[3]), c_, sums, w)
+                for x in range(w):
+                    od = b * 2 * hw + y * w + x
+                    ol = b * hw + y * w + x
+                    if not flags[2][x]:
+                        gfa[od] = gfa[od + hw] = gfb[od] = gfb[od + hw] = gla[ol] = glb[ol] = np.nan
+                        continue
+                    gdx = -np.float64(sums[0, x]) if flags[0][x] else 0.0
+                    gdy = -np.float64(sums[1, x]) if flags[1][x] else 0.0
+                    # δ = w_a·δ_a + w_b·δ_b with ∂w_a/∂l_a = w_a·w_b = −∂w_a/∂l_b.
+                    wa = rows[4, x]
+                    wb = 1.0 - wa
+                    gl = wa * wb * (gdx * (rows[0, x] - rows[2, x]) + gdy * (rows[1, x] - rows[3, x]))
+                    gfa[od] = wa * gdx
+                    gfa[od + hw] = wa * gdy
+                    gfb[od] = wb * gdx
+                    gfb[od + hw] = wb * gdy
+                    gla[ol] = gl
+                    glb[ol] = -gl
+
+    @_jit
+    def _merged_fwd(src, ss, fa, fb, la, lb, out, so, sizes, border, r0, r1):
+        """Rows r0 … r1 − 1 of T(src, merged δ); positions in float64, channel arithmetic in src's dtype."""
+        b_, c_, h, w, h_in, w_in = sizes
+        hw = h * w
+        rows = np.empty((7, w), np.float64)
+        xs = _coords(w, rows)
+        bounds = _clamp_bounds(rows, w_in, h_in, border)
+        scratch = _scratch(w, src)
+        off, wts, _, flags = scratch
+        for q in range(r0, r1):
+            b = q // h
+            y = q - b * h
+            _merge_row(fa, fb, la, lb, b, y, w, hw, rows)
+            _row_positions(rows[5], 0, rows[6], 0, xs, np.float64(y), bounds, border, w_in, h_in, ss[2], ss[3], scratch)
+            _interpolate_channels(src, ss, off, wts, out, so, b, y, c_, w)
+            _nan_where_not_finite(out, b * so[0] + y * so[2], so[1], so[3], c_, flags[2])
+
+    @_jit
+    def _l1_fwd(src, ss, disp, tgt, st, part, sizes, border, r0, r1):
+        """part[q] = Σ over x, c of |T(src, δ) − target| on row q (over B·H), summed in float64."""
+        b_, c_, h, w, h_in, w_in = sizes
+        hw = h * w
+        xs = _coords(w, disp)
+        bounds = _clamp_bounds(disp, w_in, h_in, border)
+        scratch = _scratch(w, src)
+        off, wts, _, flags = scratch
+        acc = np.empty(w, np.float64)
+        for q in range(r0, r1):
+            b = q // h
+            y = q - b * h
+            _row_positions(disp, b * 2 * hw + y * w, disp, b * 2 * hw + hw + y * w, xs, disp.dtype.type(y),
+                           bounds, border, w_in, h_in, ss[2], ss[3], scratch)
+            acc[:] = 0.0
+            for c in range(c_):
+                base = np.uint64(b * ss[0] + c * ss[1])
+                tb = np.uint64(b * st[0] + c * st[1] + y * st[2])
+                for x in range(w):
+                    val = (wts[0][x] * src[base + off[0][x]] + wts[1][x] * src[base + off[1][x]]) + (
+                        wts[2][x] * src[base + off[2][x]] + wts[3][x] * src[base + off[3][x]])
+                    acc[x] += np.float64(abs(val - tgt[tb + np.uint64(x) * np.uint64(st[3])]))
+            total = 0.0
+            for x in range(w):
+                total += acc[x] if flags[2][x] else np.nan
+            part[q] = total
+
+    @_jit
+    def _l1_bwd(src, ss, disp, tgt, st, gloss, inv_count, gdisp, gtgt, gsrc, sizes, border,
+                need_src, need_disp, need_target, groups, u0, u1):
+        """Backward tasks u0 … u1 − 1 (see _unit) of the loss: ∂loss[b]/∂out =
+        sign(out − target)·grad_loss[b]/(C·H·W), spread onto src (gsrc, src's strides), δ (gdisp,
+        contiguous) and target (gtgt, contiguous) as asked; ∂L/∂δ with need_src only if groups = 1."""
+        b_, c_, h, w, h_in, w_in = sizes
+        hw = h * w
+        xs = _coords(w, disp)
+        bounds = _clamp_bounds(disp, w_in, h_in, border)
+        scratch = _scratch(w, src)
+        off, wts, axw, flags = scratch
+        sums = np.empty((2, w), src.dtype)
+        rowg = np.empty(c_ * w, src.dtype)  # ∂loss/∂out of one row, [C, W]
+        zero = src.dtype.type(0)
+        for u in range(u0, u1):
+            b, c0, c1, y0, y1 = _unit(u, groups, need_src, c_, h)
+            if need_src:
+                _zero_planes(gsrc, ss, b, c0, c1, h_in, w_in)
+            g_b = src.dtype.type(gloss[b]) * src.dtype.type(inv_count)
+            for y in range(y0, y1):
+                yf = disp.dtype.type(y)
+                ox, oy = b * 2 * hw + y * w, b * 2 * hw + hw + y * w
+                _row_positions(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
+                for c in range(c0, c1):
+                    base = np.uint64(b * ss[0] + c * ss[1])
+                    tb = np.uint64(b * st[0] + c * st[1] + y * st[2])
+                    rb = np.uint64(c * w)
+                    for x in range(w):
+                        val = (wts[0][x] * src[base + off[0][x]] + wts[1][x] * src[base + off[1][x]]) + (
+                            wts[2][x] * src[base + off[2][x]] + wts[3][x] * src[base + off[3][x]])
+                        diff = val - tgt[tb + np.uint64(x) * np.uint64(st[3])]
+                        rowg[rb + np.uint64(x)] = g_b if diff > 0 else (-g_b if diff < 0 else zero)
+                    if need_target:
+                        ob = np.uint64(((b * c_ + c) * h + y) * w)
+                        for x in range(w):
+                            # |NaN − t| has no slope: NaN, as autograd gives for abs at NaN.
+                            gtgt[ob + np.uint64(x)] = -rowg[rb + np.uint64(x)] if flags[2][x] else np.nan
+                if need_src:
+                    _scatter_row(rowg, np.uint64(0), np.uint64(w), np.uint64(1), off, wts,
+                                 gsrc, np.uint64(b * ss[0]), np.uint64(ss[1]), c0, c1, w)
+                if need_disp:
+                    _row_gradient_terms(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, scratch)
+                    _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, rowg,
+                                   np.uint64(0), np.uint64(w), np.uint64(1), c_, sums, w)
+                    _disp_grad_row(gdisp, b * 2 * hw + y * w, hw, sums, flags, w)
+
+
+# Below this many output values a call runs on the calling thread only: handing
+# work to another thread costs tens of µs, more on a busy machine.
+PARALLEL_MIN_VALUES = 1 << 16
+_pool: ThreadPoolExecutor | None = None
+_pool_pid = -1
+
+
+def _run(kernel, args: tuple, n: int, values: int) -> None:
+    """kernel(*args, lo, hi) over [0, n) in contiguous ranges, one per torch thread (at most).
+
+    The kernels release the GIL. Each range's result does not depend on how
+    [0, n) is split, so any thread count gives the same bits.
+    """
+    global _pool, _pool_pid
+    threads = min(torch.get_num_threads(), n, max(1, values // PARALLEL_MIN_VALUES))
+    if threads <= 1:
+        kernel(*args, 0, n)
+        return
+    if _pool is None or _pool_pid != os.getpid():  # a forked child has none of the parent's threads
+        _pool, _pool_pid = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1)), os.getpid()
+    cuts = [n * k // threads for k in range(threads + 1)]
+    futures = [_pool.submit(kernel, *args, cuts[k], cuts[k + 1]) for k in range(1, threads)]
+    kernel(*args, cuts[0], cuts[1])
+    for f in futures:
+        f.result()
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The arithmetic dtype: float64 stays float64, everything else computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _memory_format(src: torch.Tensor) -> torch.memory_format:
+    """channels_last for a channels_last src, else contiguous: the format of [B, C, H, W] results."""
+    channels_last = src.is_contiguous(memory_format=torch.channels_last) and not src.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _flat(t: torch.Tensor) -> tuple[np.ndarray, tuple[int, ...]]:
+    """t's memory from its first element as a 1-D numpy array (no copy), and t's strides in elements.
+
+    t: on the CPU, float32 or float64. An empty t gives a one-element dummy the kernels never read.
+    """
+    t = t.detach()
+    if t.is_contiguous():  # the common case, and the cheapest view
+        return t.numpy().reshape(-1), t.stride()
+    if t.numel() == 0:
+        return np.zeros(1, dtype=np.float64 if t.dtype == torch.float64 else np.float32), (0,) * t.dim()
+    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return t.as_strided((span,), (1,)).numpy(), t.stride()
+
+
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype, strides kept where they can be (a copy only for another dtype)."""
+    return t.detach() if t.dtype == dtype else t.detach().to(dtype)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A result computed in the arithmetic dtype, in the dtype asked for."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _source(
+    src: torch.Tensor, acc: torch.dtype, like: torch.Tensor | None = None
+) -> tuple[np.ndarray, tuple[int, ...], int, int]:
+    """src for the kernels: (flat array, strides, H_in, W_in).
+
+    With ``like`` (the ∂L/∂src buffer) src gets like's strides, copied if it
+    has others (a sliced or expanded src): the scatter reuses src's offsets.
+    A source without pixels becomes one zero pixel: every sample then reads 0,
+    as every neighbour of an empty source is outside it.
+    """
+    b, c, h_in, w_in = src.shape
+    if h_in * w_in == 0:
+        return *_flat(torch.zeros(b, c, 1, 1, dtype=acc)), 1, 1
+    s = _to(src, acc)
+    if like is not None and s.stride() != like.stride():
+        s = s.contiguous(memory_format=_memory_format(src))
+    return *_flat(s), h_in, w_in
+
+
+def _field(t: torch.Tensor, acc: torch.dtype) -> np.ndarray:
+    """A per-pixel field (δ, logits), contiguous in the arithmetic dtype (a copy only if it is not), flat."""
+    return _flat(_to(t, acc).contiguous())[0]
+
+
+def _none(acc: torch.dtype) -> np.ndarray:
+    """An empty array standing for a gradient that is not asked for."""
+    return np.empty(0, np.float64 if acc == torch.float64 else np.float32)
+
+
+def _parts(b: int, n: int) -> int:
+    """Into how many parts (of n channels or rows) to cut each batch element: enough for torch's threads."""
+    threads = torch.get_num_threads()
+    return 1 if b >= threads else max(1, min(n, -(-threads // b)))
+
+
+def _backward(kernel, head: tuple, gsrc: np.ndarray, sizes: tuple[int, ...], padding: str,
+              need_src: bool, needs: tuple[bool, ...]) -> None:
+    """Run a backward kernel over its tasks (see _unit); sizes (B, C, H, W, H_in, W_in).
+
+    needs[0] is the gradient that needs every channel of a pixel (δ, the
+    fields); with ∂L/∂src split by channels it gets a pass of its own.
+    """
+    b, c, h, w = sizes[:4]
+    if b * h * w == 0:
+        return
+    values = b * max(c, 1) * h * w
+    border = padding == "border"
+    parts = _parts(b, c if need_src else h)
+    if not need_src or parts == 1 or not needs[0]:
+        _run(kernel, (*head, gsrc, sizes, border, need_src, *needs, parts), b * parts, values)
+        return
+    _run(kernel, (*head, gsrc, sizes, border, True, False, *needs[1:], parts), b * parts, values)
+    rest = (True,) + (False,) * (len(needs) - 1)
+    parts = _parts(b, h)
+    _run(kernel, (*head, gsrc, sizes, border, False, *rest, parts), b * parts, values)
+
+
+def warp_forward(src: torch.Tensor, disp: torch.Tensor, padding: str) -> torch.Tensor:
+    """T(src, δ): src [B, C, H_in, W_in], disp [B, 2, H, W] in pixels → [B, C, H, W] in src's dtype."""
+    acc = _acc(src.dtype)
+    b, c, _, _ = src.shape
+    h, w = disp.shape[2:]
+    out = torch.empty((b, c, h, w), dtype=acc, memory_format=_memory_format(src))
+    if out.numel():
+        s, ss, h_in, w_in = _source(src, acc)
+        sizes = (b, c, h, w, h_in, w_in)
+        _run(_warp_fwd, (s, ss, _field(disp, acc), *_flat(out), sizes, padding == "border"), b * h, out.numel())
+    return _as(out, src.dtype)
+
+
+def _grad_src(src: torch.Tensor, acc: torch.dtype, need: bool, h: int, w: int) -> tuple[torch.Tensor | None, bool]:
+    """(the ∂L/∂src buffer or None, whether a kernel fills it): zeros when nothing reaches src."""
+    if not need:
+        return None, False
+    grad_src = torch.empty(src.shape, dtype=acc, memory_format=_memory_format(src))
+    scatter = grad_src.numel() > 0 and h * w > 0
+    if not scatter:
+        grad_src.zero_()
+    return grad_src, scatter
+
+
+def warp_backward(
+    grad_out: torch.Tensor, src: torch.Tensor, disp: torch.Tensor, padding: str, need_src: bool, need_disp: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(∂L/∂src in src's dtype and memory format | None, ∂L/∂δ contiguous in disp's dtype | None)."""
+    acc = _acc(src.dtype)
+    b, c, _, _ = src.shape
+    h, w = disp.shape[2:]
+    grad_src, scatter = _grad_src(src, acc, need_src, h, w)
+    grad_disp = torch.empty(disp.shape, dtype=acc) if need_disp else None
+    if scatter or need_disp:
+        s, ss, h_in, w_in = _source(src, acc, grad_src if scatter else None)
+        head = (s, ss, _field(disp, acc), *_flat(_to(grad_out, acc)),
+                _flat(grad_disp)[0] if need_disp else _none(acc))
+        gs = _flat(grad_src)[0] if scatter else _none(acc)
+        _backward(_warp_bwd, head, gs, (b, c, h, w, h_in, w_in), padding, scatter, (need_disp,))
+    return (
+        _as(grad_src, src.dtype) if need_src else None,
+        _as(grad_disp, disp.dtype) if need_disp else None,
+    )
+
+
+def merged_warp_forward(
+    src: torch.Tensor, disp_a: torch.Tensor, disp_b: torch.Tensor,
+    logit_a: torch.Tensor, logit_b: torch.Tensor, padding: str,
+) -> torch.Tensor:
+    """T(src, w_a·δ_a + (1 − w_a)·δ_b), w_a = sigmoid(l_a − l_b), merged in float64 per pixel.
+
+    disp_a, disp_b: [B, 2, H, W] pixels; logit_a, logit_b: [B, 1, H, W]. → [B, C, H, W] in src's dtype.
+    """
+    acc = _acc(src.dtype)
+    b, c, _, _ = src.shape
+    h, w = disp_a.shape[2:]
+    out = torch.empty((b, c, h, w), dtype=acc, memory_format=_memory_format(src))
+    if out.numel():
+        s, ss, h_in, w_in = _source(src, acc)
+        fields = [_field(f, acc) for f in (disp_a, disp_b, logit_a, logit_b)]
+        _run(_merged_fwd, (s, ss, *fields, *_flat(out), (b, c, h, w, h_in, w_in), padding == "border"),
+             b * h, out.numel())
+    return _as(out, src.dtype)
+
+
+def merged_warp_backward(
+    grad_out: torch.Tensor, src: torch.Tensor, disp_a: torch.Tensor, disp_b: torch.Tensor,
+    logit_a: torch.Tensor, logit_b: torch.Tensor, padding: str, need_src: bool, need_fields: bool,
+) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
+    """(∂L/∂src | None, [∂L/∂disp_a, ∂L/∂disp_b, ∂L/∂logit_a, ∂L/∂logit_b] (contiguous, fields' dtype) | None)."""
+    acc = _acc(src.dtype)
+    b, c, _, _ = src.shape
+    h, w = disp_a.shape[2:]
+    inputs = (disp_a, disp_b, logit_a, logit_b)
+    grad_src, scatter = _grad_src(src, acc, need_src, h, w)
+    grads = [torch.empty(f.shape, dtype=acc) for f in inputs] if need_fields else None
+    if scatter or need_fields:
+        s, ss, h_in, w_in = _source(src, acc, grad_src if scatter else None)
+        head = (s, ss, *[_field(f, acc) for f in inputs], *_flat(_to(grad_out, acc)),
+                tuple(_flat(t)[0] for t in grads) if need_fields else (_none(acc),) * 4)
+        gs = _flat(grad_src)[0] if scatter else _none(acc)
+        _backward(_merged_bwd, head, gs, (b, c, h, w, h_in, w_in), padding, scatter, (need_fields,))
+    return (
+        _as(grad_src, src.dtype) if need_src else None,
+        [_as(t, f.dtype) for t, f in zip(grads, inputs)] if need_fields else None,
+    )
+
+
+def warp_l1_forward(src: torch.Tensor, disp: torch.Tensor, target: torch.Tensor, padding: str) -> torch.Tensor:
+    """loss[b] = mean over (c, y, x) of |T(src, δ) − target|: [B], float32 (float64 for float64).
+
+    Each row is summed in float64, then each sample's rows in order. An empty
+    sample (C·H·W = 0) gives NaN, as the mean of nothing.
+    """
+    acc = _acc(src.dtype)
+    b, c, _, _ = src.shape
+    h, w = disp.shape[2:]
+    count = c * h * w
+    if count == 0:
+        return torch.full((b,), float("nan"), dtype=acc)
+    part = np.empty(b * h, np.float64)
+    if b:
+        s, ss, h_in, w_in = _source(src, acc)
+        args = (s, ss, _field(disp, acc), *_flat(_to(target, acc)), part, (b, c, h, w, h_in, w_in),
+                padding == "border")
+        _run(_l1_fwd, args, b * h, b * count)
+    return torch.from_numpy(part.reshape(b, h).sum(axis=1) / count).to(acc)
+
+
+def warp_l1_backward(
+    grad_loss: torch.Tensor, src: torch.Tensor, disp: torch.Tensor, target: torch.Tensor, padding: str,
+    need_src: bool, need_disp: bool, need_target: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """grad_loss [B] → (∂L/∂src | None, ∂L/∂δ | None, ∂L/∂target | None); δ's and target's contiguous.
+
+    ∂loss[b]/∂out = sign(out − target)/(C·H·W), 0 where they are equal.
+    """
+    acc = _acc(src.dtype)
+    b, c, _, _ = src.shape
+    h, w = disp.shape[2:]
+    count = c * h * w
+    grad_src, scatter = _grad_src(src, acc, need_src, h, w)
+    grad_disp = torch.zeros(disp.shape, dtype=acc) if need_disp else None
+    grad_target = torch.zeros(target.shape, dtype=acc) if need_target else None
+    if count and (scatter or need_disp or need_target):
+        s, ss, h_in, w_in = _source(src, acc, grad_src if scatter else None)
+        head = (s, ss, _field(disp, acc), *_flat(_to(target, acc)), _to(grad_loss, acc).contiguous().numpy(),
+                1.0 / count, _flat(grad_disp)[0] if need_disp else _none(acc),
+                _flat(grad_target)[0] if need_target else _none(acc))
+        gs = _flat(grad_src)[0] if scatter else _none(acc)
+        _backward(_l1_bwd, head, gs, (b, c, h, w, h_in, w_in), padding, scatter, (need_disp, need_target))
+    return (
+        _as(grad_src, src.dtype) if need_src else None,
+        _as(grad_disp, disp.dtype) if need_disp else None,
+        _as(grad_target, target.dtype) if need_target else None,
+    )
