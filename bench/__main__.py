@@ -59,8 +59,9 @@ def select_impls(args: argparse.Namespace, device: torch.device) -> tuple[list[s
     elif device.type == "cuda":
         impls = ["ours", "gs-path", "gs-kernel", "naive"]
     else:
-        # Without the interpreter "ours" on CPU *is* the fallback: time it once.
-        impls = ["fallback", "gs-path", "gs-kernel", "naive"] + (["ours"] if INTERPRET else [])
+        # Without the interpreter "ours" on CPU *is* the compiled CPU path (or the fallback): time each once.
+        compiled = ["cpu"] if "cpu" in IMPLS else []
+        impls = [*compiled, "fallback", "gs-path", "gs-kernel", "naive"] + (["ours"] if INTERPRET else [])
     check_only = ["ours"] if device.type == "cpu" and INTERPRET and "ours" in impls else []
     timed = [i for i in impls if i not in check_only]
     if not timed:

@@ -7,7 +7,7 @@ writable, else in ``~/.cache/numba``, or in ``$NUMBA_CACHE_DIR`` when set;
 later processes load it in about 0.5 s. With no writable place at all they
 compile once per process.
 
-Semantics are those of the kernels in ``warp.py`` (SPEC sections 1-3): the
+Semantics are those of the Triton kernels in ``ops/`` (SPEC sections 1-3): the
 same position arithmetic (weights (x − ⌊x̂⌋) − δ, bounds tested on δ, the
 "below" floor correction, border gates), NaN at a non-finite δ, which sends
 nothing to ∂L/∂src. Arithmetic is float32 (float64 for float64 src);

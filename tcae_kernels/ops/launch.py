@@ -2,9 +2,10 @@
 accumulator, result conventions and op registration.
 
 Dispatch: each op is a ``torch.library`` custom op whose default kernel is
-the PyTorch fallback, with the Triton launcher registered as its CUDA kernel
-(and CPU kernel under ``TRITON_INTERPRET=1``), so ``torch.export`` sees one
-node per op on every device.
+the eager PyTorch fallback, with the Triton launcher registered as its CUDA
+kernel and the compiled CPU loops (numba) as its CPU kernel (the Triton
+kernels under ``TRITON_INTERPRET=1``), so ``torch.export`` sees one node per
+op on every device.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import os
 from typing import Callable
 
 import torch
+
+from .. import cpu
 
 try:
     import triton
@@ -27,31 +30,37 @@ MAX_GRID_YZ = 65535
 
 
 def implementation(device: torch.device | str) -> str:
-    """What runs the warp ops for tensors on ``device``: "triton", "triton-interpreter" or "pytorch"."""
+    """What runs the warp ops for tensors on ``device``: "triton", "triton-interpreter",
+    "numba" (compiled CPU loops) or "pytorch" (the eager fallback)."""
     device = torch.device(device)
     if triton is not None and device.type == "cuda":
         return "triton"
-    if triton is not None and device.type == "cpu" and INTERPRET:
-        return "triton-interpreter"
+    if device.type == "cpu":
+        if triton is not None and INTERPRET:
+            return "triton-interpreter"
+        if cpu.available():
+            return "numba"
     return "pytorch"
 
 
-# Every op by name (tests switch their CPU kernels off to run the fallback).
+# Every op by name (tests switch their CPU kernels off to run the eager fallback).
 OPS: dict[str, torch.library.CustomOpDef] = {}
 
 
-def define_op(name: str, kernels: Callable, fallback: Callable, fake: Callable) -> torch.library.CustomOpDef:
-    """Register ``tcae_kernels::name``: ``fallback`` on every device, Triton ``kernels``
-    on CUDA (and on CPU when the interpreter runs them).
+def define_op(name: str, kernels: Callable, compiled: Callable, fallback: Callable, fake: Callable
+              ) -> torch.library.CustomOpDef:
+    """Register ``tcae_kernels::name``.
 
-    Both implementations take the op's arguments and return the op's tensors;
-    the schema comes from ``fallback``'s annotations.
+    Kernels by device: Triton ``kernels`` on CUDA; on CPU the same kernels
+    under the interpreter, else ``compiled`` (numba loops, which fall back to
+    the eager path themselves when numba is missing); the eager PyTorch
+    ``fallback`` everywhere else. All take the op's arguments and return its
+    tensors; the schema comes from ``fallback``'s annotations.
     """
     op = torch.library.custom_op(f"tcae_kernels::{name}", mutates_args=())(fallback)
     if triton is not None:
         op.register_kernel("cuda", kernels)
-        if INTERPRET:
-            op.register_kernel("cpu", kernels)
+    op.register_kernel("cpu", kernels if triton is not None and INTERPRET else compiled)
     op.register_fake(fake)
     OPS[name] = op
     return op

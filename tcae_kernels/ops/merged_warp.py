@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import fallback
+from .. import cpu, fallback
 from ..checks import check_field, check_tensor, check_warp_args
 from .launch import (
     GradSrc,
@@ -184,9 +184,32 @@ def _backward_fake(grad_out, src, disp_a, disp_b, logit_a, logit_b, padding, nee
     return [grad_src, *(grads if need_fields else [])]
 
 
-_merged_warp_op = define_op("merged_warp", _forward, fallback.merged_warp_forward, _forward_fake)
+def _cpu_forward(
+    src: torch.Tensor, disp_a: torch.Tensor, disp_b: torch.Tensor, logit_a: torch.Tensor, logit_b: torch.Tensor,
+    padding: str, deterministic: bool,
+) -> torch.Tensor:
+    compiled = cpu.kernels_or_none()
+    if compiled is None:
+        return fallback.merged_warp_forward(src, disp_a, disp_b, logit_a, logit_b, padding, deterministic)
+    return compiled.merged_warp_forward(src, disp_a, disp_b, logit_a, logit_b, padding)
+
+
+def _cpu_backward(
+    grad_out: torch.Tensor, src: torch.Tensor, disp_a: torch.Tensor, disp_b: torch.Tensor,
+    logit_a: torch.Tensor, logit_b: torch.Tensor, padding: str,
+    need_src: bool, need_fields: bool, deterministic: bool,
+) -> list[torch.Tensor]:
+    fields = (disp_a, disp_b, logit_a, logit_b)
+    compiled = cpu.kernels_or_none()
+    if compiled is None:
+        return fallback.merged_warp_backward(grad_out, src, *fields, padding, need_src, need_fields, deterministic)
+    grad_src, grads = compiled.merged_warp_backward(grad_out, src, *fields, padding, need_src, need_fields)
+    return [or_empty(grad_src, src), *(grads or [])]
+
+
+_merged_warp_op = define_op("merged_warp", _forward, _cpu_forward, fallback.merged_warp_forward, _forward_fake)
 _merged_warp_backward_op = define_op(
-    "merged_warp_backward", _backward, fallback.merged_warp_backward, _backward_fake
+    "merged_warp_backward", _backward, _cpu_backward, fallback.merged_warp_backward, _backward_fake
 )
 
 

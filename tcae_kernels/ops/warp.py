@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import fallback
+from .. import cpu, fallback
 from ..checks import check_warp_args
 from .launch import (
     GradSrc,
@@ -139,8 +139,26 @@ def _backward_fake(grad_out, src, disp, padding, need_src, need_disp, determinis
     return grad_src, grad_disp
 
 
-_warp_op = define_op("warp", _forward, fallback.warp_forward, _forward_fake)
-_warp_backward_op = define_op("warp_backward", _backward, fallback.warp_backward, _backward_fake)
+def _cpu_forward(src: torch.Tensor, disp: torch.Tensor, padding: str, deterministic: bool) -> torch.Tensor:
+    compiled = cpu.kernels_or_none()
+    if compiled is None:
+        return fallback.warp_forward(src, disp, padding, deterministic)
+    return compiled.warp_forward(src, disp, padding)
+
+
+def _cpu_backward(
+    grad_out: torch.Tensor, src: torch.Tensor, disp: torch.Tensor, padding: str,
+    need_src: bool, need_disp: bool, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    compiled = cpu.kernels_or_none()
+    if compiled is None:
+        return fallback.warp_backward(grad_out, src, disp, padding, need_src, need_disp, deterministic)
+    grad_src, grad_disp = compiled.warp_backward(grad_out, src, disp, padding, need_src, need_disp)
+    return or_empty(grad_src, src), or_empty(grad_disp, disp)
+
+
+_warp_op = define_op("warp", _forward, _cpu_forward, fallback.warp_forward, _forward_fake)
+_warp_backward_op = define_op("warp_backward", _backward, _cpu_backward, fallback.warp_backward, _backward_fake)
 
 
 def _backward_rule(ctx, grad_out):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import fallback
+from .. import cpu, fallback
 from ..checks import check_tensor, check_warp_args
 from .launch import (
     GradSrc,
@@ -222,8 +222,32 @@ def _backward_fake(grad_loss, src, disp, target, padding, need_src, need_disp, n
     ]
 
 
-_warp_l1_op = define_op("warp_l1", _forward, fallback.warp_l1_forward, _forward_fake)
-_warp_l1_backward_op = define_op("warp_l1_backward", _backward, fallback.warp_l1_backward, _backward_fake)
+def _cpu_forward(
+    src: torch.Tensor, disp: torch.Tensor, target: torch.Tensor, padding: str, deterministic: bool
+) -> torch.Tensor:
+    compiled = cpu.kernels_or_none()
+    if compiled is None:
+        return fallback.warp_l1_forward(src, disp, target, padding, deterministic)
+    return compiled.warp_l1_forward(src, disp, target, padding)
+
+
+def _cpu_backward(
+    grad_loss: torch.Tensor, src: torch.Tensor, disp: torch.Tensor, target: torch.Tensor, padding: str,
+    need_src: bool, need_disp: bool, need_target: bool, deterministic: bool,
+) -> list[torch.Tensor]:
+    compiled = cpu.kernels_or_none()
+    if compiled is None:
+        return fallback.warp_l1_backward(
+            grad_loss, src, disp, target, padding, need_src, need_disp, need_target, deterministic
+        )
+    grads = compiled.warp_l1_backward(grad_loss, src, disp, target, padding, need_src, need_disp, need_target)
+    return [or_empty(g, like) for g, like in zip(grads, (src, disp, target))]
+
+
+_warp_l1_op = define_op("warp_l1", _forward, _cpu_forward, fallback.warp_l1_forward, _forward_fake)
+_warp_l1_backward_op = define_op(
+    "warp_l1_backward", _backward, _cpu_backward, fallback.warp_l1_backward, _backward_fake
+)
 
 
 def _backward_rule(ctx, grad_loss):
