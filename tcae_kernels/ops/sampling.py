@@ -1,8 +1,9 @@
 """The ``@triton.jit`` helpers every warp kernel is built from (SPEC sections 1–2).
 
-A program owns BLOCK_X consecutive output pixels of one row (b, y), named by
-its program ids: no division anywhere. Each pixel's position,
-neighbours and weights are formed once, then a loop walks the channels. With
+A program owns BLOCK_X consecutive output pixels of one row (b, y) on a GPU
+(of ROWS rows under the interpreter), named by its program ids: no division
+anywhere. Each pixel's position, neighbours and weights are formed once,
+then a loop walks the channels. With
 BLOCK_C == 1 (NCHW) every value is a [BLOCK_X] vector, a few pixels per
 thread; with BLOCK_C > 1 (channels_last) a [BLOCK_X, BLOCK_C] tile, whose
 channel loads are contiguous.
