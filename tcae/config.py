@@ -34,7 +34,8 @@ def _opt(default: Any, help: str) -> Any:
 RECIPES: dict[str, dict[str, Any]] = {
     "faithful": {},
     # The smallest change found to learn within minutes on two CPU cores (README, "Learning check").
-    "fast": {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "curriculum": False},
+    "fast": {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "curriculum": False, "still_start": True,
+             "warmup_steps": 100, "schedule": "cosine", "min_lr_ratio": 0.05},
 }
 
 
@@ -65,6 +66,8 @@ class TrainConfig:
     grad_clip: float = _opt(0.0, "largest global gradient norm; 0 = no clipping")
     amp: str = _opt("auto", "bf16 autocast: auto (on for CUDA, off on CPU), bf16 or off")
     curriculum: bool = _opt(True, "each loss term's curriculum window (else the batch mean)")
+    still_start: bool = _opt(False, "zero the decoders' output convs: training starts from δ = 0 (identity)")
+    sparsity_weight: float = _opt(0.1, "weight of the AU displacement sparsity loss (the original's: 0.1)")
     patience: int = _opt(15, "validations without improvement, more than which slide the window")
     lr_patience: int = _opt(10, "the same, once the window has stopped: LR × 0.1")
     sync_bn: bool = _opt(True, "SyncBatchNorm under DDP on CUDA")
@@ -74,6 +77,7 @@ class TrainConfig:
     ckpt_every: int = _opt(1000, "steps between checkpoints (one is always written at the end)")
     panel_every: int = _opt(500, "steps between PNG panels (0 = never; one at the end otherwise)")
     panel_samples: int = _opt(4, "rows in a panel")
+    panel_arrows: bool = _opt(False, "draw each displacement's arrows over its colours (needs matplotlib)")
     log_every: int = _opt(10, "steps between metrics lines")
     tensorboard: bool = _opt(True, "also log to OUT/tensorboard when the tensorboard package is installed")
     out: str = _opt("runs/tcae", "output folder")

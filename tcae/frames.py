@@ -23,7 +23,6 @@ replaced by another frame of the same track; it never stops an epoch. With
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass

@@ -163,6 +163,16 @@ class Decoder(nn.Module):
         self.net = nn.Sequential(*layers)
         self.disp_scale = config.disp_scale
 
+    def still(self) -> None:
+        """Zero the output conv: δ = 0 and equal attention for any input, until training moves it.
+
+        A randomly initialised decoder outputs a displacement of several
+        pixels that does not depend on its input (the biases of the last
+        layers), which starts training worse than the identity.
+        """
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
     def forward(
         self, source_emb: torch.Tensor, target_emb: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,8 @@
 The detector is SPEC's: an image's frozen AU embedding → BatchNorm1d →
 Linear without bias → one sigmoid per AU, trained with binary cross-entropy
 on the frames of some identities, its threshold per AU chosen for the best F1
-on those same frames, and scored (F1 per AU, and their mean) on the frames
+on those identities, each scored by a detector fitted without it
+(:func:`held_out_thresholds`), and scored (F1 per AU, and their mean) on the frames
 of the others (:func:`tcae.frames.split_identities`;
 with the checkpoint's split and seed, the test identities are the ones the
 TCAE was validated on, never trained on).
@@ -107,15 +108,36 @@ def best_thresholds(logits: np.ndarray, truth: np.ndarray, valid: np.ndarray) ->
 
     F1 depends on the threshold, and a detector trained with cross-entropy on
     rare positives sits too high at logit 0; choosing it on the training
-    identities keeps the test identities unseen.
+    identities keeps the test identities unseen. The candidates are −∞
+    (every frame positive: the always-present detector, which a weak
+    detector falls back to) and 39 quantiles of the logits.
     """
-    candidates = np.quantile(logits, np.linspace(0.0, 1.0, 41)[1:-1], axis=0)  # [40, K]
+    candidates = np.concatenate([np.full((1, logits.shape[1]), -np.inf),
+                                 np.quantile(logits, np.linspace(0.0, 1.0, 41)[1:-1], axis=0)])
     best = np.zeros(logits.shape[1])
     for k in range(logits.shape[1]):
         scores = [f1_scores(logits[:, k:k + 1] > c, truth[:, k:k + 1], valid[:, k:k + 1])[0]
                   for c in candidates[:, k]]
         best[k] = candidates[int(np.argmax(scores)), k]
     return best
+
+
+def held_out_thresholds(features: torch.Tensor, occurrence: torch.Tensor, valid: torch.Tensor,
+                        identities: list[str], folds: int = 4, **fit) -> np.ndarray:
+    """:func:`best_thresholds` on out-of-fold logits: each training identity scored by a detector fitted
+    without it (whole identities per fold), as the test identities will be → [K].
+
+    Thresholds chosen on the frames a detector was fitted on sit where it
+    separates identities it has memorised, not new ones.
+    """
+    fold = identity_folds(identities, folds)
+    logits = np.zeros(tuple(occurrence.shape), dtype=np.float32)
+    for k in np.unique(fold):
+        held = torch.from_numpy(fold == k)
+        detector = fit_detector(features[~held], occurrence[~held], valid[~held], **fit)
+        with torch.no_grad():
+            logits[held.numpy()] = detector(features[held]).numpy()
+    return best_thresholds(logits, occurrence.numpy(), valid.numpy())
 
 
 def ridge_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
@@ -149,6 +171,13 @@ def ridge_r2(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_tes
 RIDGE_ALPHAS = tuple(10.0**k for k in range(-1, 6))
 
 
+def identity_folds(groups: list[str], folds: int = 4) -> np.ndarray:
+    """The fold (0 … folds − 1) of each item, whole identities (``groups``) per fold → [N] int."""
+    names = sorted(set(groups))
+    fold_of = {name: i % min(folds, len(names)) for i, name in enumerate(names)}
+    return np.array([fold_of[g] for g in groups])
+
+
 def select_alpha(x: np.ndarray, y: np.ndarray, groups: list[str], alphas: tuple[float, ...] = RIDGE_ALPHAS,
                  folds: int = 4) -> float:
     """The ridge penalty with the best mean R² when whole groups (identities) are held out in turn.
@@ -157,11 +186,9 @@ def select_alpha(x: np.ndarray, y: np.ndarray, groups: list[str], alphas: tuple[
     the training identities and nothing else; the penalty must be chosen on
     unseen identities, as the probe is scored.
     """
-    names = sorted(set(groups))
-    if len(names) < 2:
+    if len(set(groups)) < 2:
         return alphas[len(alphas) // 2]
-    fold_of = {name: i % min(folds, len(names)) for i, name in enumerate(names)}
-    fold = np.array([fold_of[g] for g in groups])
+    fold = identity_folds(groups, folds)
     scores = np.zeros(len(alphas))
     for k in np.unique(fold):
         held = fold == k
@@ -199,9 +226,9 @@ def probe(model: TCAE, data: str | Path, held_out: float | int = 0.25, seed: int
         report["pose_names"] = list(POSE_NAMES)
     for kind in EMBEDDINGS:
         detector = fit_detector(train[kind], train["occurrence"], train["valid"], epochs=epochs, lr=lr, seed=seed)
+        thresholds = held_out_thresholds(train[kind], train["occurrence"], train["valid"], train["identity"],
+                                         epochs=epochs, lr=lr, seed=seed)
         with torch.no_grad():
-            thresholds = best_thresholds(detector(train[kind]).numpy(), train["occurrence"].numpy(),
-                                         train["valid"].numpy())
             predicted = detector(test[kind]).numpy() > thresholds
         report["thresholds"][kind] = dict(zip(names, thresholds.tolist()))
         f1 = f1_scores(predicted, truth, valid)

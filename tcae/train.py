@@ -140,7 +140,7 @@ def panel(model: TCAE, samples: list[dict], config: TrainConfig, device: torch.d
     with _autocast(config, device):
         out = model(source, target)
     model.train()
-    return write_panel(path, source, target, out)
+    return write_panel(path, source, target, out, arrows=config.panel_arrows)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -198,6 +198,9 @@ def _train(config: TrainConfig, resume: str | Path | None, d: Dist) -> tuple[TCA
     panel_samples = [val_set[i] for i in evenly_spaced(len(val_set), config.panel_samples)] if d.main else []
 
     model = TCAE(config.model).to(d.device)
+    if config.still_start:
+        model.au_decoder.still()
+        model.pose_decoder.still()
     if d.world > 1 and d.device.type == "cuda" and config.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = make_optimizer(config, model)
@@ -206,7 +209,7 @@ def _train(config: TrainConfig, resume: str | Path | None, d: Dist) -> tuple[TCA
     curriculum = Curriculum(patience=config.patience, lr_patience=config.lr_patience,
                             **({} if config.curriculum else {"hi": 1.0}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s) * curriculum.lr_scale)
-    weights = LossWeights()
+    weights = LossWeights(au_sparsity=config.sparsity_weight)
     step, epoch, consumed = 0, 0, 0
 
     metrics_path = out / "metrics.jsonl"
@@ -236,7 +239,8 @@ def _train(config: TrainConfig, resume: str | Path | None, d: Dist) -> tuple[TCA
         else config.model.backend
     if d.main:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        print(f"device {d.device} ({cores} cores): {workers} loader workers, {torch.get_num_threads()} threads; "
+        n = torch.get_num_threads()
+        print(f"device {d.device} ({cores} cores): {workers} loader workers, {n} thread{'s' * (n != 1)}; "
               f"warp {config.model.backend} → {implementation}; recipe {config.recipe}; "
               f"{len(train_set.identities)} training identities, {len(train_set)} pairs per epoch "
               f"({sampler.batches_per_epoch} steps)", flush=True)

@@ -79,8 +79,13 @@ def test_thresholds_are_chosen_for_f1_on_the_training_frames():
     valid = np.ones_like(truth, dtype=bool)
     assert (logits < 0).all() and f1_scores(logits > 0, truth, valid).max() == 0.0
     thresholds = best_thresholds(logits, truth, valid)
-    assert (thresholds < 0).all()
+    assert (thresholds < 0).all() and np.isfinite(thresholds).all()
     assert f1_scores(logits > thresholds, truth, valid).min() > 0.5
+    # A detector that knows nothing falls back to always-present, the best F1 a constant answer gets.
+    assert (best_thresholds(np.zeros((400, 2)), truth, valid) == -np.inf).all()
+    noise = rng.normal(size=(400, 2))
+    always = f1_scores(np.ones_like(truth), truth, valid)
+    assert (f1_scores(noise > best_thresholds(noise, truth, valid), truth, valid) >= always).all()
 
 
 def test_probe_reports_f1_and_r2_in_range(data):

@@ -11,7 +11,6 @@ import math
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import textwrap
