@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import train as train_module
+from .checkpoint import CheckpointError
 from .config import RECIPES, TrainConfig, add_config_arguments
 from .learning import LearningCheck
-from .checkpoint import CheckpointError
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -161,7 +161,8 @@ def format_summary(s: dict) -> str:
                          f"(identity baseline {losses['identity']:.4f}), cycle AU {losses['cycle_au']:.4f}, "
                          f"cycle pose {losses['cycle_pose']:.4f}"),
         ("held-out recon", "n/a" if s["val"] is None else f"{s['val']['recon']:.4f} = "
-                           f"{s['val']['recon'] / s['val']['identity']:.2f} × identity baseline {s['val']['identity']:.4f}"),
+                           f"{s['val']['recon'] / s['val']['identity']:.2f} × identity baseline "
+                           f"{s['val']['identity']:.4f}"),
         ("AU F1 (mean)", f"from AU emb {s['au_f1']['au_embedding']:.3f}, "
                          f"from pose emb {s['au_f1']['pose_embedding']:.3f} "
                          f"(always-present detector {s['au_f1_always_present']:.3f})"),
@@ -188,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
     p.add_argument("--steps", type=int, help="training steps (default 400; 4 with --quick)")
     p.add_argument("--no-bench", action="store_true", help="skip the warp benchmark")
-    p.add_argument("--recipe", default="faithful", choices=sorted(RECIPES), help="training recipe (default %(default)s)")
+    p.add_argument("--recipe", default="faithful", choices=sorted(RECIPES),
+                   help="training recipe (default %(default)s)")
     p.set_defaults(run=cmd_demo)
 
     p = sub.add_parser("check-learning", help="train on synthetic faces and show each number beating its baseline")

@@ -334,7 +334,8 @@ class FramePairDataset(Dataset):
     def __len__(self) -> int:
         return len(self._pairs)
 
-    def _load(self, track: _Track, index: int, avoid: int, crop: tuple[int, int, int]) -> tuple[torch.Tensor, int] | None:
+    def _load(self, track: _Track, index: int, avoid: int,
+              crop: tuple[int, int, int]) -> tuple[torch.Tensor, int] | None:
         # The requested frame, else the next readable one of the track (cyclic), never `avoid`.
         n = len(track.frames)
         for step in range(n):

@@ -154,7 +154,8 @@ def pixel_criterion(losses: Mapping[str, torch.Tensor], weights: LossWeights) ->
     The original divides the six embedding terms by B·256 when it validates,
     which leaves, in effect, these three; we name it for what it is.
     """
-    return weights.recon * losses["recon"] + weights.cycle_pose * losses["cycle_pose"] + weights.cycle_au * losses["cycle_au"]
+    return (weights.recon * losses["recon"] + weights.cycle_pose * losses["cycle_pose"]
+            + weights.cycle_au * losses["cycle_au"])
 
 
 @dataclass
