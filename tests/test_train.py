@@ -6,6 +6,7 @@ elsewhere; the Triton interpreter would make every step seconds long).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -21,12 +22,14 @@ import pytest
 import torch
 
 import tcae.checkpoint as checkpoint_module
+import tcae.config as config_module
+import tcae.monitor as monitor
 import tcae.train as train_module
 from tcae.checkpoint import CheckpointError, check_compatible, load_checkpoint, load_model, save_checkpoint
 from tcae.batches import GlobalBatches
-from tcae.config import TrainConfig
+from tcae.config import TrainConfig, workers_and_threads
 from tcae.model import TCAE, TCAEConfig
-from tcae.monitor import NonFiniteLossError
+from tcae.monitor import NonFiniteLossError, Progress
 from tcae.panels import COLUMNS, flow_to_rgb, make_panel
 from tcae.synthetic import SyntheticConfig, generate_dataset
 from tcae.train import train
@@ -341,3 +344,22 @@ def test_resume_on_finished_run_is_a_no_op(data, trained, tmp_path):
     shutil.copy(trained, out / "checkpoint.pt")
     _, summary = train(tiny(data, out, steps=2), resume="")
     assert summary["steps"] == 2
+
+
+def test_eta_counts_wall_clock_since_the_start(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(monitor.time, "perf_counter", lambda: clock[0])
+    progress = Progress(start=20, total=120, every=10, stream=io.StringIO())
+    clock[0] += 50.0  # 10 steps, validation and checkpoints included, took 50 s
+    assert progress.eta(30) == pytest.approx(90 * 5.0)
+    progress.update(30, "loss 1.0")
+    assert "eta 7m30s" in progress.stream.getvalue()
+
+
+@pytest.mark.parametrize("cores, device, expected", [(2, "cpu", (0, 1)), (4, "cpu", (0, 3)), (16, "cpu", (2, 14)),
+                                                     (64, "cpu", (4, 60))])
+def test_cpu_workers_and_threads_follow_the_cores(monkeypatch, cores, device, expected):
+    monkeypatch.setattr(config_module.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert workers_and_threads(TrainConfig(), torch.device(device)) == expected
+    # Explicit settings win.
+    assert workers_and_threads(TrainConfig(num_workers=3, threads=5), torch.device(device)) == (3, 5)
