@@ -114,7 +114,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model, run = train_module.train(config)
 
     print("[3/4] AU probe on frozen embeddings", flush=True)
-    report = probe(model, out / "data", held_out=config.held_out, seed=config.seed, epochs=s.probe_epochs)
+    report = probe(model, out / "data", held_out=config.held_out, seed=config.seed, epochs=s.probe_epochs,
+                   device=next(model.parameters()).device)
     print(format_report(report))
 
     print("[4/4] warp benchmark (quick)", flush=True)

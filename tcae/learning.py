@@ -26,8 +26,6 @@ from pathlib import Path
 
 import torch
 
-import tcae_kernels
-
 from .config import TrainConfig
 from .frames import FramePairDataset
 from .model import TCAE
@@ -75,17 +73,18 @@ def check_learning(out: Path, check: LearningCheck = LearningCheck(), threads: i
     model, run = train(config)
     shutil.copy(run["checkpoint"], out / "checkpoint.pt")
     val = run["val"]
+    device = next(model.parameters()).device
 
     print("[3/4] AU and pose probes: the trained encoder, then a randomly initialised one", flush=True)
-    learned = probe(model, data, held_out=config.held_out, seed=config.seed, epochs=check.probe_epochs)
+    learned = probe(model, data, held_out=config.held_out, seed=config.seed, epochs=check.probe_epochs, device=device)
     torch.manual_seed(config.seed)
-    random = probe(TCAE(config.model), data, held_out=config.held_out, seed=config.seed, epochs=check.probe_epochs)
+    random = probe(TCAE(config.model).to(device), data, held_out=config.held_out, seed=config.seed,
+                   epochs=check.probe_epochs, device=device)
 
     print("[4/4] final panel", flush=True)
     held_out_pairs = FramePairDataset(data, size=check.image_size, identities=learned["test_identities"],
                                       seed=config.seed)
-    panel(model, [held_out_pairs[i] for i in range(min(6, len(held_out_pairs)))], config, torch.device("cpu"),
-          out / "panel.png")
+    panel(model, [held_out_pairs[i] for i in range(min(6, len(held_out_pairs)))], config, device, out / "panel.png")
 
     au_f1 = learned["f1"]["au_embedding"]["mean"]
     report = {
@@ -102,7 +101,7 @@ def check_learning(out: Path, check: LearningCheck = LearningCheck(), threads: i
         "minutes": (time.perf_counter() - start) / 60,
         "train_minutes": run["wall_seconds"] / 60,
         "steps": run["steps"],
-        "implementation": tcae_kernels.implementation(torch.device("cpu")),
+        "implementation": run["implementation"],
         "threads": run["threads"],
         "held_out_identities": len(learned["test_identities"]),
         "au_f1_per_au": {k: v for k, v in learned["f1"]["au_embedding"].items() if k != "mean"},

@@ -220,9 +220,7 @@ def _train(config: TrainConfig, resume: str | Path | None, d: Dist) -> tuple[TCA
         check_compatible(state["config"], config.as_dict(), resume)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        curriculum = Curriculum(**state["curriculum"])
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                      lambda s: lr_factor(config, s) * curriculum.lr_scale)
+        curriculum = Curriculum(**state["curriculum"])  # the scheduler's lambda reads this name when it steps
         scheduler.load_state_dict(state["scheduler"])
         step, epoch, consumed = state["step"], state["epoch"], state["consumed"]
         set_rng_state(state["rng"])
