@@ -1,4 +1,5 @@
-"""Training checkpoints: atomic writes, a checksum, and a compatibility check.
+"""Training checkpoints: atomic writes, a checksum, a compatibility check, the model rebuilt from one,
+and the RNG states a resumed run needs.
 
 On disk a checkpoint is ``MAGIC``, the sha256 of the payload in hex, a
 newline, then the payload (``torch.save`` of a dict of tensors and plain
@@ -6,7 +7,8 @@ Python values, loaded back with ``weights_only=True``)::
 
     save_checkpoint(path, state)          # temp file + fsync + os.replace
     state = load_checkpoint(path)         # CheckpointError if damaged
-    check_compatible(state["config"], asdict(config))
+    check_compatible(state["config"], config.as_dict())
+    model = load_model(path)              # the TCAE rebuilt from the config inside (nanoGPT's way)
 
 A write goes to ``<name>.tmp`` in the same folder, is flushed to disk, and
 only then renamed over the old file, so a crash or kill at any point leaves
@@ -20,18 +22,22 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import random
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+from .model import TCAE, TCAEConfig
 
 MAGIC = b"TCAE-CKPT-1\n"
 _DIGEST_LEN = 64  # sha256 in hex
 
-# TrainConfig fields that change the shape of the model's or optimizer's
-# state: a checkpoint whose values differ cannot be loaded.
-SHAPE_FIELDS = ("image_size", "width", "embed_dim", "optimizer")
+# Fields that change the shape of the model's or optimizer's state: a
+# checkpoint whose values differ cannot be loaded. "model.x" is TCAEConfig's x.
+SHAPE_FIELDS = ("model.image_size", "model.in_channels", "model.width", "model.embed_dim", "optimizer")
 
 
 class CheckpointError(RuntimeError):
@@ -103,12 +109,51 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], path: str | Path = "checkpoint") -> None:
     """Raise :class:`CheckpointError` listing every :data:`SHAPE_FIELDS` value that differs."""
+    def get(config: Mapping[str, Any], name: str) -> Any:
+        for part in name.split("."):
+            config = config.get(part, {}) if isinstance(config, Mapping) else {}
+        return config
+
     diffs = [
-        f"{name}: checkpoint {saved.get(name)!r}, config {current.get(name)!r}"
+        f"{name.removeprefix('model.')}: checkpoint {get(saved, name)!r}, config {get(current, name)!r}"
         for name in SHAPE_FIELDS
-        if saved.get(name) != current.get(name)
+        if get(saved, name) != get(current, name)
     ]
     if diffs:
         raise CheckpointError(
             f"{path} was written with an incompatible config; these fields differ:\n  " + "\n  ".join(diffs)
         )
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[TCAE, dict]:
+    """The TCAE a training checkpoint holds, rebuilt from the model config stored beside its weights
+    (eval mode), and the run's config as a dict."""
+    state = load_checkpoint(path)
+    config = state["config"]
+    model = TCAE(TCAEConfig(**config["model"]))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), config
+
+
+def rng_state() -> dict:
+    """Python, numpy, torch and CUDA generator states, as tensors and plain values (weights_only-loadable)."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {**np_state, "state": {"key": np_state["state"]["key"].tolist(), "pos": np_state["state"]["pos"]}},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    np_state = dict(state["numpy"])
+    np_state["state"] = {"key": np.array(np_state["state"]["key"], dtype=np.uint32), "pos": np_state["state"]["pos"]}
+    np.random.set_state(np_state)
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

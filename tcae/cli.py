@@ -1,6 +1,7 @@
 """The ``tcae`` command.
 
     tcae demo [--out DIR] [--quick]              synthetic data → train → panels → probe → warp benchmark
+    tcae check-learning [--out DIR]              shows the TCAE learning, each number beside its baseline
     tcae train [--config FILE] [--resume [CKPT]] [--data ROOT --image-size 64 ...]
     torchrun --nproc_per_node N -m tcae.cli train ...           the same, DistributedDataParallel
     tcae probe CKPT [--data ROOT] [--json FILE]  AU F1 (and pose R²) from frozen embeddings
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import sys
@@ -21,6 +23,8 @@ from pathlib import Path
 
 from . import train as train_module
 from .checkpoint import CheckpointError
+from .config import RECIPES, TrainConfig, add_config_arguments
+from .learning import LearningCheck
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -36,7 +40,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .data import prepare_videos
+    from .videos import prepare_videos
 
     # One argument may be a folder to search; several are video files.
     videos = args.videos[0] if len(args.videos) == 1 else args.videos
@@ -103,18 +107,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                                           frames_per_video=s.frames, size=64))
 
     print(f"[2/4] training {steps} steps", flush=True)
-    config = train_module.TrainConfig(
-        data=str(out / "data"), image_size=64, width=s.width, batch_size=s.batch_size, steps=steps,
-        val_every=max(steps // 4, 1), val_batches=2, panel_every=max(steps // 2, 1), ckpt_every=steps,
-        log_every=max(steps // 20, 1), out=str(out / "run"), num_workers=0,
-        # On two shared cores a second intra-op thread gains little on these small convolutions, and
-        # when the other core is busy OpenMP's spin-waiting makes every step many times slower.
-        threads=1,
-    )
+    config = TrainConfig.from_recipe(
+        args.recipe, data=str(out / "data"), model={"image_size": 64, "width": s.width}, batch_size=s.batch_size,
+        steps=steps, val_every=max(steps // 4, 1), val_batches=2, panel_every=max(steps // 2, 1), ckpt_every=steps,
+        log_every=max(steps // 20, 1), out=str(out / "run"))
     model, run = train_module.train(config)
 
     print("[3/4] AU probe on frozen embeddings", flush=True)
-    report = probe(model, out / "data", held_out=config.held_out, seed=config.seed, epochs=s.probe_epochs)
+    report = probe(model, out / "data", held_out=config.held_out, seed=config.seed, epochs=s.probe_epochs,
+                   device=next(model.parameters()).device)
     print(format_report(report))
 
     print("[4/4] warp benchmark (quick)", flush=True)
@@ -122,9 +123,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     summary = {
         "data": {"root": data["root"], "identities": data["identities"], "frames": data["frames"]},
-        "steps": run["steps"], "batch_size": config.batch_size, "image_size": config.image_size,
-        "width": config.width, "backend": config.backend,
-        "losses": run["losses"], "val_loss": run["val_loss"],
+        "steps": run["steps"], "batch_size": config.batch_size, "image_size": config.model.image_size,
+        "width": config.model.width, "recipe": config.recipe, "backend": config.model.backend,
+        "implementation": run["implementation"], "losses": run["losses"], "val": run["val"],
         "train_seconds": run["train_seconds"], "img_per_s": run["img_per_s"],
         "au_f1": {k: v["mean"] for k, v in report["f1"].items()},
         "au_f1_always_present": report["f1_always_present"]["mean"],
@@ -134,7 +135,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(format_summary(summary))
+    print(f"\npictures: {Path(run['panels'][-1]).parent}/ (one panel per {config.panel_every} steps; "
+          f"the last is {run['panels'][-1]})")
     return 0
+
+
+def cmd_check_learning(args: argparse.Namespace) -> int:
+    from .learning import check_learning, format_learning
+
+    check = dataclasses.replace(LearningCheck(), steps=args.steps, recipe=args.recipe)
+    report = check_learning(args.out, check, threads=args.threads)
+    print(format_learning(report))
+    print(f"wrote {args.out / 'learning.json'}, {args.out / 'checkpoint.pt'} and {args.out / 'panel.png'}")
+    return 0 if report["passed"] else 1
 
 
 def format_summary(s: dict) -> str:
@@ -143,22 +156,27 @@ def format_summary(s: dict) -> str:
     rows = [
         ("data", f"{s['data']['root']} ({s['data']['identities']} identities, {s['data']['frames']} frames)"),
         ("training", f"{s['steps']} steps, batch {s['batch_size']}, {s['image_size']} px, width {s['width']}, "
-                     f"backend {s['backend']}"),
+                     f"recipe {s['recipe']}, warp {s['backend']} → {s['implementation']}"),
         ("train time", f"{s['train_seconds']:.1f} s, {s['img_per_s']:.1f} img/s"),
-        ("final losses", f"window {losses['loss']:.4f}, total {losses['total']:.4f}, recon {losses['recon']:.4f}, "
-                         f"cycle AU {losses['cycle_au']:.4f}, cycle pose {losses['cycle_pose']:.4f}"),
-        ("val loss", "n/a" if s["val_loss"] is None else f"{s['val_loss']:.4f}"),
+        ("final losses", f"window {losses['loss']:.4f}, total {losses['total']:.4f}, recon {losses['recon']:.4f} "
+                         f"(identity baseline {losses['identity']:.4f}), cycle AU {losses['cycle_au']:.4f}, "
+                         f"cycle pose {losses['cycle_pose']:.4f}"),
+        ("held-out recon", "n/a" if s["val"] is None else f"{s['val']['recon']:.4f} = "
+                           f"{s['val']['recon'] / s['val']['identity']:.2f} × identity baseline "
+                           f"{s['val']['identity']:.4f}"),
         ("AU F1 (mean)", f"from AU emb {s['au_f1']['au_embedding']:.3f}, "
                          f"from pose emb {s['au_f1']['pose_embedding']:.3f} "
                          f"(always-present detector {s['au_f1_always_present']:.3f})"),
     ]
     if s["pose_r2"]:
         rows.append(("pose R² (mean)", f"from AU emb {s['pose_r2']['au_embedding']:.3f}, from pose emb "
-                                       f"{s['pose_r2']['pose_embedding']:.3f} (0 = predicting the mean)"))
+                                       f"{s['pose_r2']['pose_embedding']:.3f} (0 = predicting the mean, "
+                                       "< 0 = worse than that)"))
     rows += [("panels", ", ".join(s["panels"])), ("checkpoint", s["checkpoint"]), ("metrics", s["metrics"]),
              ("bench table", s["bench_table"] or s["bench_note"]), ("total time", f"{s['total_seconds']:.1f} s"),
              ("note", f"{s['steps']} CPU steps only start the training (the paper trains for days): the panels "
-                      "show the pipeline, and probe scores near the baselines are expected")]
+                      "show the pipeline, and probe scores near the baselines are expected; "
+                      "tcae check-learning trains long enough to beat them")]
     width = max(len(k) for k, _ in rows)
     return "\n".join(["", "TCAE demo summary", *(f"  {k:<{width}}  {v}" for k, v in rows)])
 
@@ -172,10 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
     p.add_argument("--steps", type=int, help="training steps (default 400; 4 with --quick)")
     p.add_argument("--no-bench", action="store_true", help="skip the warp benchmark")
+    p.add_argument("--recipe", default="faithful", choices=sorted(RECIPES),
+                   help="training recipe (default %(default)s)")
     p.set_defaults(run=cmd_demo)
 
+    p = sub.add_parser("check-learning", help="train on synthetic faces and show each number beating its baseline")
+    p.add_argument("--out", type=Path, default=Path("check_learning"), help="output folder (default %(default)s)")
+    p.add_argument("--steps", type=int, default=LearningCheck.steps, help="training steps (default %(default)s)")
+    p.add_argument("--recipe", default=LearningCheck.recipe, choices=sorted(RECIPES),
+                   help="training recipe (default %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: chosen from the cores)")
+    p.set_defaults(run=cmd_check_learning)
+
     p = sub.add_parser("train", help="train the TCAE (also: torchrun -m tcae.train)")
-    train_module.add_config_arguments(p)
+    add_config_arguments(p)
     p.set_defaults(run=train_module.train_from_args)
 
     p = sub.add_parser("probe", help="AU detection F1 (and pose R²) from a checkpoint's frozen embeddings")

@@ -1,12 +1,12 @@
 """TCAE's losses and its curriculum over per-sample losses (SPEC section 6).
 
 :func:`compute_losses` returns every loss per sample, so that the curriculum
-(:func:`select_window`, :class:`Curriculum`) can rank the samples of a batch
-by their weighted total and train on a window of them::
+(:func:`window_loss`, :class:`Curriculum`) can rank the samples of a batch,
+term by term, and train on a window of them::
 
     out = model(source, target)
     losses, total = compute_losses(model, out, source, target)   # dict name → [B], [B]
-    loss = curriculum.select(total)
+    loss = curriculum.select(losses, LossWeights())             # each term's window, weighted
     loss.backward()
 
 Embedding targets are not detached: like the original code, which computes
@@ -19,6 +19,7 @@ the decoders to read the source and target apart from them.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -39,7 +40,7 @@ class LossWeights:
     recon_au: float = 1.0  # MSE(AU emb of reconstruction, target's AU emb)
     cycle_pose: float = 1.0  # L1(pose-changed warped back by the pose decoder, source)
     cycle_au: float = 1.0  # L1(AU-changed warped back by the AU decoder, source)
-    au_sparsity: float = 0.1  # mean |δ_AU| in normalized units (pixels / ((size − 1)/2))
+    au_sparsity: float = 0.1  # mean |clamp(x − δ_AU) − x| in normalized units (pixels / ((size − 1)/2))
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -55,6 +56,22 @@ def _l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-sample mean squared error, [B, D] × 2 → [B]."""
     return (_wide(a) - _wide(b)).pow(2).flatten(1).mean(1)
+
+
+def au_sparsity(disp: torch.Tensor, disp_scale: float) -> torch.Tensor:
+    """Per-sample mean |clamp(x − δ) − x| over pixels and both axes → [B], in normalized units.
+
+    disp [B, 2, H, W] in pixels; ``disp_scale`` pixels per normalized unit.
+    Measured after the border clamp, as the original (which clamps its
+    normalized grid to [−1, 1]): pushing a sample position beyond the image
+    edge costs nothing more and gets no gradient.
+    """
+    h, w = disp.shape[-2:]
+    ys = torch.arange(h, device=disp.device, dtype=disp.dtype).view(h, 1)
+    xs = torch.arange(w, device=disp.device, dtype=disp.dtype).view(1, w)
+    moved_x = (xs - disp[:, 0]).clamp(0, w - 1) - xs
+    moved_y = (ys - disp[:, 1]).clamp(0, h - 1) - ys
+    return (moved_x.abs() + moved_y.abs()).flatten(1).mean(1) / (2 * disp_scale)
 
 
 def compute_losses(
@@ -78,10 +95,10 @@ def compute_losses(
         tensor; total is the [B] weighted sum, the quantity the curriculum ranks.
     """
     weights = weights or LossWeights()
-    # One encoder pass for the three changed images.
-    au, pose = model.embed(torch.cat([out.pose_changed, out.au_changed, out.reconstruction]))
-    pc_au, ac_au, rc_au = au.chunk(3)
-    pc_pose, ac_pose, rc_pose = pose.chunk(3)
+    # One encoder pass per image group (BatchNorm statistics per group, as the original).
+    pc_au, pc_pose = model.embed(out.pose_changed)
+    ac_au, ac_pose = model.embed(out.au_changed)
+    rc_au, rc_pose = model.embed(out.reconstruction)
     # Cycles: each decoder must undo its own change, reading the changed
     # image's embedding as the new source and S's as the target.
     back_pose, _ = model.decode("pose", pc_pose, out.source_pose)
@@ -96,7 +113,7 @@ def compute_losses(
         "recon_au": _mse(rc_au, out.target_au),
         "cycle_pose": model.warp_l1(out.pose_changed, back_pose, source),
         "cycle_au": model.warp_l1(out.au_changed, back_au, source),
-        "au_sparsity": out.disp_au.abs().flatten(1).mean(1) / model.config.disp_scale,
+        "au_sparsity": au_sparsity(out.disp_au, model.config.disp_scale),
     }
     total = sum(w * losses[name] for name, w in asdict(weights).items())
     return losses, total
@@ -125,35 +142,76 @@ def select_window(per_sample_total: torch.Tensor, lo: float, hi: float) -> torch
     return per_sample_total.sort().values[start:end].mean()
 
 
+def window_loss(losses: Mapping[str, torch.Tensor], weights: LossWeights, lo: float, hi: float) -> torch.Tensor:
+    """SPEC's curriculum loss: for each term separately, the mean of its sorted per-sample values in the
+    window [lo, hi) (:func:`select_window`), weighted and summed → scalar. ``losses``: name → [B]."""
+    return sum(w * select_window(losses[name], lo, hi) for name, w in asdict(weights).items())
+
+
+def pixel_criterion(losses: Mapping[str, torch.Tensor], weights: LossWeights) -> torch.Tensor:
+    """The validation criterion: the weighted pixel losses (reconstruction and both cycles) per sample → [B].
+
+    The original divides the six embedding terms by B·256 when it validates,
+    which leaves, in effect, these three; we name it for what it is.
+    """
+    return (weights.recon * losses["recon"] + weights.cycle_pose * losses["cycle_pose"]
+            + weights.cycle_au * losses["cycle_au"])
+
+
 @dataclass
 class Curriculum:
-    """The window [lo, hi) of :func:`select_window`, sliding toward harder samples.
+    """The original's schedule, driven by one validation score per epoch (:meth:`record`).
 
-    Starts at [0, 0.5). Each :meth:`slide` (call it when validation loss stops
-    improving) moves both ends up by ``step``, the last move only as far as
-    hi = ``hi_max``; after that it stays put.
+    The window [lo, hi) of :func:`window_loss` starts at [0, 0.5). When the
+    score has not improved for more than ``patience`` validations, both ends
+    move up by ``step`` and the best score is forgotten; moves happen while
+    hi < ``hi_limit``, so the last window is [0.4, 0.9). After that, the same
+    trigger with ``lr_patience`` multiplies ``lr_scale`` by ``lr_factor``
+    (ReduceLROnPlateau's rule: the count restarts, the best is kept).
     """
 
     lo: float = 0.0
     hi: float = 0.5
     step: float = 0.1
-    hi_max: float = 0.85
+    hi_limit: float = 0.85
+    patience: int = 15
+    lr_patience: int = 10
+    lr_factor: float = 0.1
+    best: float = math.inf
+    stale: int = 0
+    lr_scale: float = 1.0
 
     @property
     def done(self) -> bool:
-        """Whether the window has reached hi_max."""
-        return self.hi >= self.hi_max - 1e-9
+        """Whether the window has stopped moving."""
+        return self.hi >= self.hi_limit - 1e-9
 
     def slide(self) -> bool:
-        """Move the window up; return False (and do nothing) once it is at hi_max."""
+        """Move the window up by ``step``; return False (and do nothing) once it has stopped."""
         if self.done:
             return False
-        shift = min(self.step, self.hi_max - self.hi)
         # Rounding keeps repeated float additions from drifting.
-        self.lo = round(self.lo + shift, 9)
-        self.hi = round(self.hi + shift, 9)
+        self.lo = round(self.lo + self.step, 9)
+        self.hi = round(self.hi + self.step, 9)
         return True
 
-    def select(self, per_sample_total: torch.Tensor) -> torch.Tensor:
-        """:func:`select_window` with this window: [B] → scalar."""
-        return select_window(per_sample_total, self.lo, self.hi)
+    def record(self, score: float) -> str | None:
+        """Note one validation score (lower is better); returns "slid", "lr" or None for what it triggered."""
+        if score < self.best:
+            self.best, self.stale = score, 0
+            return None
+        self.stale += 1
+        if not self.done:
+            if self.stale > self.patience:
+                self.slide()
+                self.best, self.stale = math.inf, 0
+                return "slid"
+        elif self.stale > self.lr_patience:
+            self.lr_scale *= self.lr_factor
+            self.stale = 0
+            return "lr"
+        return None
+
+    def select(self, losses: Mapping[str, torch.Tensor], weights: LossWeights) -> torch.Tensor:
+        """:func:`window_loss` with this window: name → [B] → scalar."""
+        return window_loss(losses, weights, self.lo, self.hi)

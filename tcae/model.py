@@ -163,6 +163,16 @@ class Decoder(nn.Module):
         self.net = nn.Sequential(*layers)
         self.disp_scale = config.disp_scale
 
+    def still(self) -> None:
+        """Zero the output conv: δ = 0 and equal attention for any input, until training moves it.
+
+        A randomly initialised decoder outputs a displacement of several
+        pixels that does not depend on its input (the biases of the last
+        layers), which starts training worse than the identity.
+        """
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
     def forward(
         self, source_emb: torch.Tensor, target_emb: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,10 +274,10 @@ class TCAE(nn.Module):
         """
         self._check_images("source", source)
         self._check_images("target", target)
-        b = source.shape[0]
-        au, pose = self.embed(torch.cat([source, target]))
-        source_au, target_au = au[:b], au[b:]
-        source_pose, target_pose = pose[:b], pose[b:]
+        # One encoder pass per image group, as the original: BatchNorm's
+        # training statistics are those of the sources, then of the targets.
+        source_au, source_pose = self.embed(source)
+        target_au, target_pose = self.embed(target)
         disp_au, logit_au = self.decode("au", source_au, target_au)
         disp_pose, logit_pose = self.decode("pose", source_pose, target_pose)
         fused = self.config.backend == "triton"

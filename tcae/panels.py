@@ -1,11 +1,19 @@
-"""Figure-1-style panels: what the TCAE does to a few frame pairs, as one PNG.
+"""Figure-1-style panels: what the TCAE does to a few frame pairs, as one PNG that reads on its own.
 
-One row per sample; columns: source, target, AU-changed, pose-changed,
-reconstruction, AU displacement, pose displacement. Displacements are
-coloured like optical flow: hue is the direction of δ, saturation its length
-(white = no displacement, full colour = the panel's largest one, which
-training logs as ``panel_max_disp_px``). Both displacement columns share that
-scale, so AU and pose fields compare within a panel, not across panels.
+One row per sample; columns (:data:`COLUMNS`): source, target, AU-changed,
+pose-changed, reconstruction, AU displacement, pose displacement, attention.
+Displacements are coloured by a colour wheel: hue is the direction of δ (the
+way the content moves: the warp samples the source at x − δ), saturation its
+length, white = none, full colour = ``scale_px`` pixels or more. The scale is
+fixed (by default image size / 8, i.e. 8 px at 64 px) so panels of one run
+compare across steps. Attention shows the AU branch's weight, 0 (pose decides,
+black) to 1 (AU decides, white).
+
+With matplotlib (``pip install 'tcae-kernels[plot]'``) the PNG has column
+titles, the colour wheel as a legend with its scale in pixels, and, with
+``arrows=True``, a quiver of each displacement over its colours. Without it,
+the same tiles are written as a plain grid and a ``.txt`` caption beside the
+PNG names the columns and the scale.
 """
 
 from __future__ import annotations
@@ -15,11 +23,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .common import write_png
 from .model import TCAEOutput
-from .synthetic import write_png
 
-COLUMNS = ("source", "target", "au_changed", "pose_changed", "reconstruction", "disp_au", "disp_pose")
-_GAP = 2  # pixels of white between tiles
+COLUMNS = ("source", "target", "AU-changed", "pose-changed", "reconstruction", "AU displacement",
+           "pose displacement", "attention (AU weight)")
+_GAP = 2  # pixels of white between tiles in the plain grid
+
+
+def default_scale(image_size: int) -> float:
+    """The full-colour displacement length of a panel, in pixels: image size / 8."""
+    return image_size / 8
 
 
 def hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -49,36 +63,113 @@ def flow_to_rgb(disp: np.ndarray, max_norm: float | None = None) -> np.ndarray:
     return (hsv_to_rgb(hue, sat, np.ones_like(hue)) * 255.0 + 0.5).astype(np.uint8)
 
 
+def colour_wheel(size: int = 65) -> np.ndarray:
+    """The legend: [size, size, 3] uint8, the colour of δ = (x, y) relative to the centre, full colour
+    at the rim, white outside the disc."""
+    r = (size - 1) / 2
+    ys, xs = np.mgrid[0:size, 0:size] - r
+    wheel = flow_to_rgb(np.stack([xs, ys]), r)
+    wheel[np.hypot(xs, ys) > r] = 255
+    return wheel
+
+
 def _image_to_rgb(img: torch.Tensor) -> np.ndarray:
-    """[3, H, W] in [-1, 1] → [H, W, 3] uint8."""
-    x = (img.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5 + 0.5
+    """[3, H, W] in [0, 1] → [H, W, 3] uint8."""
+    x = img.detach().float().cpu().clamp(0, 1) * 255.0 + 0.5
     return x.permute(1, 2, 0).numpy().astype(np.uint8)
 
 
-def make_panel(source: torch.Tensor, target: torch.Tensor, out: TCAEOutput,
-               zoom: int = 2) -> tuple[np.ndarray, float]:
-    """One row per sample of :data:`COLUMNS`; source, target [B, 3, S, S] in [-1, 1].
-
-    Returns ([H, W, 3] uint8, the displacement length in pixels that gets full
-    saturation). Tiles are enlarged ``zoom``× (nearest) so 64 px faces stay
-    readable.
-    """
-    disps = torch.stack([out.disp_au, out.disp_pose]).detach().float().cpu()
-    max_norm = float(disps.norm(dim=2).max())
+def _tiles(source: torch.Tensor, target: torch.Tensor, out: TCAEOutput, scale_px: float) -> list[list[np.ndarray]]:
+    """Per sample, one [S, S, 3] uint8 tile per column."""
     rows = []
     for b in range(source.shape[0]):
         tiles = [_image_to_rgb(t[b]) for t in (source, target, out.au_changed, out.pose_changed, out.reconstruction)]
-        tiles += [flow_to_rgb(d[b].numpy(), max_norm) for d in disps]
+        tiles += [flow_to_rgb(d[b].detach().float().cpu().numpy(), scale_px) for d in (out.disp_au, out.disp_pose)]
+        weight = (out.attention[b, 0].detach().float().cpu().clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
+        tiles.append(np.repeat(weight[..., None], 3, axis=2))
+        rows.append(tiles)
+    return rows
+
+
+def make_panel(source: torch.Tensor, target: torch.Tensor, out: TCAEOutput, scale_px: float | None = None,
+               zoom: int = 2) -> np.ndarray:
+    """The plain grid: one row per sample of :data:`COLUMNS`, tiles enlarged ``zoom``× (nearest) so 64 px
+    faces stay readable; source, target [B, 3, S, S] in [0, 1]. Returns [H, W, 3] uint8."""
+    scale_px = scale_px or default_scale(source.shape[-1])
+    rows = []
+    for tiles in _tiles(source, target, out, scale_px):
         tiles = [t.repeat(zoom, 0).repeat(zoom, 1) for t in tiles]
         gap = np.full((tiles[0].shape[0], _GAP, 3), 255, np.uint8)
         rows.append(np.concatenate([x for t in tiles for x in (t, gap)][:-1], axis=1))
     gap = np.full((_GAP, rows[0].shape[1], 3), 255, np.uint8)
-    return np.concatenate([x for r in rows for x in (r, gap)][:-1], axis=0), max_norm
+    return np.concatenate([x for r in rows for x in (r, gap)][:-1], axis=0)
 
 
-def write_panel(path: str | Path, source: torch.Tensor, target: torch.Tensor, out: TCAEOutput) -> float:
-    """:func:`make_panel` written as a PNG; returns its full-saturation displacement in pixels."""
-    image, max_norm = make_panel(source, target, out)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+def caption(scale_px: float) -> str:
+    """What the plain grid shows, for the ``.txt`` beside it."""
+    return (f"Columns, left to right: {', '.join(COLUMNS)}. One row per (source, target) pair.\n"
+            f"Displacements: hue = direction the content moves (red +x/right, yellow-green +y/down, cyan -x, "
+            f"violet -y), white = none, full colour = {scale_px:g} px or more.\n"
+            "Attention: the AU branch's weight in the merge, black 0 (pose decides) to white 1 (AU decides).\n")
+
+
+def _figure(rows: list[list[np.ndarray]], out: TCAEOutput, scale_px: float, arrows: bool) -> np.ndarray:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    n, cols = len(rows), len(COLUMNS)
+    fig, axes = plt.subplots(n, cols + 1, figsize=(1.45 * (cols + 1), 1.5 * n + 0.5), squeeze=False,
+                             gridspec_kw={"wspace": 0.05, "hspace": 0.08})
+    size = rows[0][0].shape[0]
+    step = max(size // 12, 1)
+    grid = np.arange(step // 2, size, step)
+    for r, tiles in enumerate(rows):
+        for c, tile in enumerate(tiles):
+            ax = axes[r, c]
+            ax.imshow(tile, interpolation="nearest")
+            if arrows and c in (5, 6):
+                d = (out.disp_au if c == 5 else out.disp_pose)[r].detach().float().cpu().numpy()
+                u, v = d[0][np.ix_(grid, grid)], d[1][np.ix_(grid, grid)]
+                # Arrows in pixels at the image's scale: one arrow is the displacement itself.
+                ax.quiver(grid, grid, u, v, angles="xy", scale_units="xy", scale=1, color="black", width=0.012)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(COLUMNS[c], fontsize=7)
+        axes[r, cols].axis("off")
+    legend = axes[0, cols]
+    legend.imshow(colour_wheel(), extent=(-scale_px, scale_px, scale_px, -scale_px))
+    legend.axis("on")
+    legend.set_xticks([-scale_px, 0, scale_px])
+    legend.set_yticks([-scale_px, 0, scale_px])
+    legend.tick_params(labelsize=5)
+    legend.set_title(f"δ in px\n(full colour ≥ {scale_px:g} px)", fontsize=6)
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image
+
+
+def write_panel(path: str | Path, source: torch.Tensor, target: torch.Tensor, out: TCAEOutput,
+                scale_px: float | None = None, arrows: bool = False) -> np.ndarray:
+    """Write the panel of a batch as a PNG (titled with matplotlib, else the plain grid and a ``.txt``
+    caption); returns the image written, [H, W, 3] uint8.
+
+    source, target [B, 3, S, S] in [0, 1]; ``out`` = model(source, target);
+    ``scale_px``: full-colour displacement in pixels (default :func:`default_scale`);
+    ``arrows``: a quiver over each displacement (matplotlib only).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scale_px = scale_px or default_scale(source.shape[-1])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        image = make_panel(source, target, out, scale_px)
+        path.with_suffix(".txt").write_text(caption(scale_px))
+    else:
+        image = _figure(_tiles(source, target, out, scale_px), out, scale_px, arrows)
     write_png(path, image)
-    return max_norm
+    return image

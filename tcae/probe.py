@@ -5,8 +5,10 @@
 
 The detector is SPEC's: an image's frozen AU embedding → BatchNorm1d →
 Linear without bias → one sigmoid per AU, trained with binary cross-entropy
-on the frames of some identities and scored (F1 per AU at threshold 0.5, and
-their mean) on the frames of the others (:func:`tcae.data.split_identities`;
+on the frames of some identities, its threshold per AU chosen for the best F1
+on those identities, each scored by a detector fitted without it
+(:func:`held_out_thresholds`), and scored (F1 per AU, and their mean) on the frames
+of the others (:func:`tcae.frames.split_identities`;
 with the checkpoint's split and seed, the test identities are the ones the
 TCAE was validated on, never trained on).
 
@@ -26,22 +28,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import load_checkpoint
-from .data import LabelledFrames, split_identities
-from .model import TCAE, TCAEConfig
-from .synthetic import POSE_NAMES
+from .checkpoint import load_model
+from .frames import split_identities
+from .labels import LabelledFrames
+from .model import TCAE
+from .common import POSE_NAMES
 
 EMBEDDINGS = ("au_embedding", "pose_embedding")
-
-
-def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[TCAE, dict]:
-    """The TCAE stored in a training checkpoint (eval mode) and the run's config as a dict."""
-    state = load_checkpoint(path)
-    config = state["config"]
-    model = TCAE(TCAEConfig(image_size=config["image_size"], embed_dim=config["embed_dim"], width=config["width"],
-                            backend=config["backend"]))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), config
 
 
 @torch.no_grad()
@@ -110,6 +103,43 @@ def f1_scores(predicted: np.ndarray, truth: np.ndarray, valid: np.ndarray) -> np
     return np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0)
 
 
+def best_thresholds(logits: np.ndarray, truth: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Per AU, the logit threshold with the best F1 on these (training) frames → [K].
+
+    F1 depends on the threshold, and a detector trained with cross-entropy on
+    rare positives sits too high at logit 0; choosing it on the training
+    identities keeps the test identities unseen. The candidates are −∞
+    (every frame positive: the always-present detector, which a weak
+    detector falls back to) and 39 quantiles of the logits.
+    """
+    candidates = np.concatenate([np.full((1, logits.shape[1]), -np.inf),
+                                 np.quantile(logits, np.linspace(0.0, 1.0, 41)[1:-1], axis=0)])
+    best = np.zeros(logits.shape[1])
+    for k in range(logits.shape[1]):
+        scores = [f1_scores(logits[:, k:k + 1] > c, truth[:, k:k + 1], valid[:, k:k + 1])[0]
+                  for c in candidates[:, k]]
+        best[k] = candidates[int(np.argmax(scores)), k]
+    return best
+
+
+def held_out_thresholds(features: torch.Tensor, occurrence: torch.Tensor, valid: torch.Tensor,
+                        identities: list[str], folds: int = 4, **fit) -> np.ndarray:
+    """:func:`best_thresholds` on out-of-fold logits: each training identity scored by a detector fitted
+    without it (whole identities per fold), as the test identities will be → [K].
+
+    Thresholds chosen on the frames a detector was fitted on sit where it
+    separates identities it has memorised, not new ones.
+    """
+    fold = identity_folds(identities, folds)
+    logits = np.zeros(tuple(occurrence.shape), dtype=np.float32)
+    for k in np.unique(fold):
+        held = torch.from_numpy(fold == k)
+        detector = fit_detector(features[~held], occurrence[~held], valid[~held], **fit)
+        with torch.no_grad():
+            logits[held.numpy()] = detector(features[held]).numpy()
+    return best_thresholds(logits, occurrence.numpy(), valid.numpy())
+
+
 def ridge_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
                   alphas: tuple[float, ...]) -> list[np.ndarray]:
     """Predictions [N_test, P] of ridge regressions fitted on train, one per penalty in ``alphas``.
@@ -141,6 +171,13 @@ def ridge_r2(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_tes
 RIDGE_ALPHAS = tuple(10.0**k for k in range(-1, 6))
 
 
+def identity_folds(groups: list[str], folds: int = 4) -> np.ndarray:
+    """The fold (0 … folds − 1) of each item, whole identities (``groups``) per fold → [N] int."""
+    names = sorted(set(groups))
+    fold_of = {name: i % min(folds, len(names)) for i, name in enumerate(names)}
+    return np.array([fold_of[g] for g in groups])
+
+
 def select_alpha(x: np.ndarray, y: np.ndarray, groups: list[str], alphas: tuple[float, ...] = RIDGE_ALPHAS,
                  folds: int = 4) -> float:
     """The ridge penalty with the best mean R² when whole groups (identities) are held out in turn.
@@ -149,11 +186,9 @@ def select_alpha(x: np.ndarray, y: np.ndarray, groups: list[str], alphas: tuple[
     the training identities and nothing else; the penalty must be chosen on
     unseen identities, as the probe is scored.
     """
-    names = sorted(set(groups))
-    if len(names) < 2:
+    if len(set(groups)) < 2:
         return alphas[len(alphas) // 2]
-    fold_of = {name: i % min(folds, len(names)) for i, name in enumerate(names)}
-    fold = np.array([fold_of[g] for g in groups])
+    fold = identity_folds(groups, folds)
     scores = np.zeros(len(alphas))
     for k in np.unique(fold):
         held = fold == k
@@ -180,7 +215,7 @@ def probe(model: TCAE, data: str | Path, held_out: float | int = 0.25, seed: int
     train_ids, test_ids = split_identities(everything.identities, held_out, seed)
     train = embed_frames(model, LabelledFrames(data, size, train_ids, names), device=device)
     test = embed_frames(model, LabelledFrames(data, size, test_ids, names), device=device)
-    report: dict = {"au_names": names, "f1": {}, "pose_names": [], "pose_r2": {}, "ridge_alpha": {},
+    report: dict = {"au_names": names, "f1": {}, "thresholds": {}, "pose_names": [], "pose_r2": {}, "ridge_alpha": {},
                     "train_identities": train_ids, "test_identities": test_ids,
                     "n_train": len(train["occurrence"]), "n_test": len(test["occurrence"])}
     truth, valid = test["occurrence"].numpy(), test["valid"].numpy()
@@ -191,8 +226,11 @@ def probe(model: TCAE, data: str | Path, held_out: float | int = 0.25, seed: int
         report["pose_names"] = list(POSE_NAMES)
     for kind in EMBEDDINGS:
         detector = fit_detector(train[kind], train["occurrence"], train["valid"], epochs=epochs, lr=lr, seed=seed)
+        thresholds = held_out_thresholds(train[kind], train["occurrence"], train["valid"], train["identity"],
+                                         epochs=epochs, lr=lr, seed=seed)
         with torch.no_grad():
-            predicted = (detector(test[kind]) > 0).numpy()
+            predicted = detector(test[kind]).numpy() > thresholds
+        report["thresholds"][kind] = dict(zip(names, thresholds.tolist()))
         f1 = f1_scores(predicted, truth, valid)
         report["f1"][kind] = {**dict(zip(names, f1.tolist())), "mean": float(f1.mean())}
         if has_pose:
@@ -216,17 +254,19 @@ def format_report(report: dict) -> str:
         lines.append(row(name, [report["f1"][k][name] for k in EMBEDDINGS] + [report["f1_always_present"][name]]))
     if report["pose_r2"]:
         alphas = " / ".join(f"{report['ridge_alpha'][k]:g}" for k in EMBEDDINGS)
-        lines += ["", f"pose R² (ridge regression, penalty {alphas} chosen on held-out training identities; "
-                      "0 = predicting the mean)", head]
+        lines += ["", f"pose R² (ridge regression, penalty {alphas} chosen on held-out training identities)", head]
         for name in [*report["pose_names"], "mean"]:
             lines.append(row(name, [report["pose_r2"][k][name] for k in EMBEDDINGS]))
+        lines.append("R² = 1 − (squared error)/(spread of the test values): 1 is perfect, 0 is no better than "
+                     "predicting the test identities' mean, and negative is worse than that (the regression "
+                     "carries offsets of the training identities over to new ones).")
     return "\n".join(lines)
 
 
 def probe_checkpoint(path: str | Path, data: str | Path | None = None, held_out: float | int | None = None,
                      seed: int | None = None, device: str | torch.device = "cpu", **kwargs) -> dict:
     """:func:`probe` on a checkpoint's model; data, held_out and seed default to its training config."""
-    model, config = model_from_checkpoint(path, device)
+    model, config = load_model(path, device)
     # A run validated on its training identities (held_out 0) has no split to reuse.
     held_out = held_out if held_out is not None else config["held_out"] or 0.25
     return probe(model, data if data is not None else config["data"], held_out=held_out,

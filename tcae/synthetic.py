@@ -19,7 +19,7 @@ AU43   eyes closed             eye openings close to a lid line
 =====  ======================  ==============================================
 
 An AU *occurs* in a frame when its intensity is above
-:data:`OCCURRENCE_THRESHOLD` (0.5).
+:data:`~tcae.common.OCCURRENCE_THRESHOLD` (0.5).
 
 Head pose (:class:`Pose`): ``roll`` in degrees (positive = clockwise on
 screen), ``tx``/``ty`` translation as a fraction of the image size (positive =
@@ -30,22 +30,22 @@ turns without 3-D geometry.
 
 On disk (:func:`generate_dataset`), the VoxCeleb-like layout
 ``root/<identity>/<video>/<track>/000000.png ...`` with ``labels.csv`` in
-every track folder; :class:`tcae.data.FramePairDataset` and
-:class:`tcae.data.LabelledFrames` read it.
+every track folder; :class:`tcae.frames.FramePairDataset` and
+:class:`tcae.labels.LabelledFrames` read it.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-import struct
 import time
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .common import AU_NAMES, OCCURRENCE_THRESHOLD, POSE_NAMES, write_png
 
 __all__ = [
     "AU_NAMES",
@@ -60,10 +60,6 @@ __all__ = [
     "generate_dataset",
     "write_png",
 ]
-
-AU_NAMES: tuple[str, ...] = ("AU1", "AU2", "AU4", "AU12", "AU20", "AU26", "AU43")
-POSE_NAMES: tuple[str, ...] = ("roll", "tx", "ty", "scale", "yaw")
-OCCURRENCE_THRESHOLD = 0.5
 
 # Image units per face unit at scale 1: the face fills about two thirds of
 # the frame, like a face crop.
@@ -437,30 +433,6 @@ def render_frame(
     cv.fill(_band(mx, y, bottom, bottom + 0.04 * thin * np.sqrt(bow), half_w), lips * 1.05)
 
     return np.clip(cv.img + 0.5, 0.0, 255.0).astype(np.uint8)
-
-
-def write_png(path: str | Path, image: np.ndarray) -> None:
-    """Write ``[H, W, 3]`` uint8 RGB as an 8-bit PNG, with zlib only.
-
-    Rows use PNG's "Sub" filter (difference to the pixel on the left), which
-    compresses these smooth drawings well.
-    """
-    img = np.ascontiguousarray(image, dtype=np.uint8)
-    if img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"expected [H, W, 3] uint8, got shape {img.shape}")
-    h, w, _ = img.shape
-    rows = img.reshape(h, w * 3)
-    filtered = np.empty((h, w * 3 + 1), dtype=np.uint8)
-    filtered[:, 0] = 1
-    filtered[:, 1:4] = rows[:, :3]
-    filtered[:, 4:] = rows[:, 3:] - rows[:, :-3]  # uint8 arithmetic wraps mod 256, as PNG wants
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    idat = zlib.compress(filtered.tobytes(), 6)
-    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
 def _write_labels(path: Path, au: np.ndarray, pose: np.ndarray) -> None:

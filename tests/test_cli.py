@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from tcae.cli import main
-from tcae.data import FramePairDataset, LabelledFrames
+from tcae.frames import FramePairDataset
+from tcae.labels import LabelledFrames
 from tcae.synthetic import render_frame, sample_identity, sample_trajectory
 
 
@@ -58,14 +59,14 @@ def test_train_then_probe(tmp_path, capsys):
     main(["synth", str(data), "--identities", "4", "--videos", "1", "--frames", "6"])
     run = tmp_path / "run"
     flags = ["--data", str(data), "--out", str(run), "--image-size", "64", "--width", "0.125", "--batch-size", "4",
-             "--pairs-per-track", "4", "--val-every", "0", "--panel-every", "0", "--num-workers", "0",
+             "--pairs-per-identity", "4", "--val-every", "-1", "--panel-every", "0", "--num-workers", "0",
              "--backend", "grid_sample", "--no-curriculum"]
     assert main(["train", *flags, "--steps", "1"]) == 0
     assert main(["train", *flags, "--steps", "2", "--resume"]) == 0
     # A checkpoint alone is enough: its run's settings, with the flags given on top.
     assert main(["train", "--resume", str(run / "checkpoint.pt"), "--steps", "3"]) == 0
     config = json.loads((run / "config.json").read_text())
-    assert (config["curriculum"], config["width"], config["steps"]) == (False, 0.125, 3)
+    assert (config["curriculum"], config["model"]["width"], config["steps"]) == (False, 0.125, 3)
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
     capsys.readouterr()
 
@@ -93,6 +94,9 @@ def test_demo_quick(tmp_path):
     assert "TCAE demo summary" in result.stdout and "AU F1 (mean)" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["backend"] == "triton"
+    # What ran, not what was asked for: without a GPU or the interpreter, the PyTorch fallback.
+    assert summary["implementation"] == "pytorch" and "warp triton → pytorch" in result.stdout
+    assert f"pictures: {out / 'run' / 'panels'}" in result.stdout
     assert (out / "run" / "checkpoint.pt").is_file() and (out / "run" / "metrics.jsonl").is_file()
     assert summary["panels"] and all(Path(p).is_file() for p in summary["panels"])
     assert 0.0 <= summary["au_f1"]["au_embedding"] <= 1.0 and set(summary["pose_r2"]) == {"au_embedding",

@@ -10,15 +10,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import tcae.data as data
-from tcae.data import (
-    FramePairDataset,
-    LabelledFrames,
-    list_identities,
-    load_image,
-    prepare_videos,
-    split_identities,
-)
+import tcae.videos as videos
+from tcae.frames import FramePairDataset, list_identities, load_image, split_identities
+from tcae.labels import LabelledFrames
+from tcae.videos import prepare_videos
 from tcae.synthetic import AU_NAMES, SyntheticConfig, generate_dataset, render_frame, sample_identity, write_png
 
 REAL_VIDEO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "single_face.mp4"
@@ -44,8 +39,8 @@ def _copy(root: Path, tmp_path: Path) -> Path:
 
 
 def test_pairs_come_from_one_track_and_match_files(synthetic_root):
-    ds = FramePairDataset(synthetic_root, size=32, pairs_per_track=3, seed=0)
-    assert len(ds) == 12 * 3 and ds.identities == ["id0000", "id0001", "id0002"]
+    ds = FramePairDataset(synthetic_root, size=32, pairs_per_identity=8, seed=0, jitter=False)
+    assert len(ds) == 3 * 8 and ds.identities == ["id0000", "id0001", "id0002"]
     tracks = {t.key: t for t in ds.tracks}
     for i in range(0, len(ds), 5):
         item = ds[i]
@@ -57,19 +52,53 @@ def test_pairs_come_from_one_track_and_match_files(synthetic_root):
         torch.testing.assert_close(item["source"], load_image(frames[item["source_index"]], 32))
         torch.testing.assert_close(item["target"], load_image(frames[item["target_index"]], 32))
         for key in ("source", "target"):
-            assert item[key].min() >= -1.0 and item[key].max() <= 1.0
+            assert item[key].min() >= 0.0 and item[key].max() <= 1.0
     assert ds.skipped_frames == 0
+    # One pair per identity per epoch by default (the original), each identity once.
+    assert sorted(FramePairDataset(synthetic_root, size=32)[i]["identity"] for i in range(3)) == ds.identities
+
+
+def test_jitter_crops_source_and_target_independently(synthetic_root):
+    plain = FramePairDataset(synthetic_root, size=32, pairs_per_identity=4, seed=2, jitter=False)
+    jittered = FramePairDataset(synthetic_root, size=32, pairs_per_identity=4, seed=2)
+    assert 200 <= jittered.crop_side <= 223
+    for i in range(len(plain)):
+        a, b = plain[i], jittered[i]
+        assert (a["track"], a["source_index"], a["target_index"]) == (b["track"], b["source_index"], b["target_index"])
+        assert b["source"].shape == (3, 32, 32) and 0 <= b["source"].min() and b["source"].max() <= 1
+        assert not torch.allclose(a["source"], b["source"], atol=1e-3)  # a crop, enlarged
+    # Same frame as source and target: the two crops differ unless drawn at one position.
+    offsets = {(p[3][1:], p[4][1:]) for p in jittered._pairs}
+    assert any(s != t for s, t in offsets)
+    # The crop side is drawn once per epoch: every crop of an epoch shares it.
+    assert {p[3][0] for p in jittered._pairs} | {p[4][0] for p in jittered._pairs} == {jittered.crop_side}
+    sides = set()
+    for epoch in range(6):
+        jittered.set_epoch(epoch)
+        sides.add(jittered.crop_side)
+    assert len(sides) > 1
+
+
+def test_jitter_crop_is_the_spec_window():
+    # A frame whose pixel values are their x coordinate at 256 px: the crop's
+    # left column must hold 16 + x0 (the central 224, then the offset).
+    ramp = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, :, None], (256, 256, 3)).copy()
+    from tcae.frames import _to_tensor
+
+    crop = _to_tensor(ramp, 200, crop=(200, 5, 7))
+    assert crop[0, 0, 0].item() * 255 == pytest.approx(16 + 5, abs=1e-3)
+    assert crop[0, 0, -1].item() * 255 == pytest.approx(16 + 5 + 199, abs=1e-3)
 
 
 def test_pairs_are_deterministic_per_seed_and_epoch(synthetic_root):
     def pairs(ds):
         return [(d["track"], d["source_index"], d["target_index"]) for d in (ds[i] for i in range(len(ds)))]
 
-    a = FramePairDataset(synthetic_root, size=16, seed=5)
-    b = FramePairDataset(synthetic_root, size=16, seed=5)
+    a = FramePairDataset(synthetic_root, size=16, pairs_per_identity=4, seed=5)
+    b = FramePairDataset(synthetic_root, size=16, pairs_per_identity=4, seed=5)
     assert pairs(a) == pairs(b)
     torch.testing.assert_close(a[7]["source"], b[7]["source"])
-    assert pairs(a) != pairs(FramePairDataset(synthetic_root, size=16, seed=6))
+    assert pairs(a) != pairs(FramePairDataset(synthetic_root, size=16, pairs_per_identity=4, seed=6))
     first = pairs(a)
     a.set_epoch(1)
     assert pairs(a) != first
@@ -78,7 +107,7 @@ def test_pairs_are_deterministic_per_seed_and_epoch(synthetic_root):
 
 
 def test_max_offset_bounds_the_frame_distance(synthetic_root):
-    ds = FramePairDataset(synthetic_root, size=16, pairs_per_track=20, max_offset=2, seed=1)
+    ds = FramePairDataset(synthetic_root, size=16, pairs_per_identity=30, max_offset=2, seed=1, jitter=False)
     gaps = {abs(ds[i]["source_index"] - ds[i]["target_index"]) for i in range(len(ds))}
     assert gaps == {1, 2}
 
@@ -98,7 +127,7 @@ def test_identity_filter_and_split(synthetic_root):
 
 
 def test_batches_collate_and_dataset_pickles(synthetic_root):
-    ds = FramePairDataset(synthetic_root, size=16)
+    ds = FramePairDataset(synthetic_root, size=16, pairs_per_identity=2)
     batch = next(iter(DataLoader(ds, batch_size=4, shuffle=True)))
     assert batch["source"].shape == (4, 3, 16, 16) and len(batch["identity"]) == 4
     # DataLoader workers started with "spawn" receive the dataset pickled.
@@ -117,7 +146,7 @@ def test_corrupt_frames_are_skipped_and_counted(synthetic_root, tmp_path):
     for frame in (root / "id0001" / "vid01" / "track1").glob("*.png"):
         frame.write_bytes(b"not a png")
 
-    ds = FramePairDataset(root, size=32, pairs_per_track=30, seed=0)
+    ds = FramePairDataset(root, size=32, pairs_per_identity=120, seed=0)
     with pytest.warns(RuntimeWarning, match="unreadable frame"):
         items = [ds[i] for i in range(len(ds))]
     assert ds.skipped_frames == 2 + 8
@@ -160,11 +189,11 @@ def test_mixed_sizes_and_formats_are_resized(tmp_path):
     write_png(track / "000002.png", np.full((40, 56, 3), 200, np.uint8))  # non-square: centre-cropped
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing here is corrupt
-        ds = FramePairDataset(tmp_path, size=48, pairs_per_track=12)
+        ds = FramePairDataset(tmp_path, size=48, pairs_per_identity=12)
         for i in range(len(ds)):
             assert ds[i]["source"].shape == ds[i]["target"].shape == (3, 48, 48)
     # A flat 200-grey frame stays flat: resampling adds no ringing.
-    torch.testing.assert_close(load_image(track / "000002.png", 48), torch.full((3, 48, 48), 200 / 127.5 - 1))
+    torch.testing.assert_close(load_image(track / "000002.png", 48), torch.full((3, 48, 48), 200 / 255))
 
 
 # --- LabelledFrames ------------------------------------------------------------
@@ -282,7 +311,7 @@ def test_prepare_videos_counts_and_layout(tmp_path):
     assert [p.name for p in written] == [f"{i:06d}.png" for i in range(0, 10, 2)]
     assert load_image(written[0], 32).shape == (3, 32, 32)
     # The output is what the training dataset reads.
-    assert len(FramePairDataset(out, size=32, pairs_per_track=2)) == 2
+    assert len(FramePairDataset(out, size=32, pairs_per_identity=2)) == 2
 
     sparse = prepare_videos(
         [videos / "clip.avi"], tmp_path / "sparse", size=32, every_nth=3, detector=_bright_box_detector
@@ -313,7 +342,7 @@ def test_prepare_videos_missing_file_counts_as_failed(tmp_path):
 
 
 def test_prepare_videos_without_opencv_names_the_extra(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_optional_cv2", lambda: None)
+    monkeypatch.setattr(videos, "_optional_cv2", lambda: None)
     with pytest.raises(ImportError, match=r"tcae-kernels\[video\]"):
         prepare_videos([tmp_path / "x.mp4"], tmp_path / "out")
 
@@ -321,7 +350,7 @@ def test_prepare_videos_without_opencv_names_the_extra(tmp_path, monkeypatch):
 def _default_detector_or_skip():
     pytest.importorskip("cv2")
     try:
-        return data.haar_face_detector()
+        return videos.haar_face_detector()
     except RuntimeError as e:
         assert "opencv-python-headless" in str(e)  # the error says how to get a detector
         pytest.skip(f"no bundled face detector: {e}")

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import pytest
 import torch
 
 import tcae_kernels
 from tcae import model as model_module
-from tcae.losses import Curriculum, LossWeights, compute_losses, select_window
+from tcae.losses import Curriculum, LossWeights, au_sparsity, compute_losses, select_window, window_loss
 from tcae.model import TCAE, TCAEConfig, TCAEOutput
 
 WIDTH = 0.125
@@ -247,12 +248,60 @@ def test_select_window() -> None:
         select_window(losses, 0.5, 0.5)
 
 
-def test_curriculum_slides_to_085() -> None:
+def test_curriculum_slides_to_090() -> None:
     cur = Curriculum()
     assert (cur.lo, cur.hi) == (0.0, 0.5)
     windows = []
     while cur.slide():
         windows.append((cur.lo, cur.hi))
-    assert windows == [(0.1, 0.6), (0.2, 0.7), (0.3, 0.8), (0.35, 0.85)]
+    # Moves while hi < 0.85: the original's last window is [0.4, 0.9).
+    assert windows == [(0.1, 0.6), (0.2, 0.7), (0.3, 0.8), (0.4, 0.9)]
     assert cur.done and not cur.slide()
-    assert cur.select(torch.arange(20.0)).item() == pytest.approx(torch.arange(7.0, 17.0).mean().item())
+
+
+def test_window_is_taken_per_loss_term() -> None:
+    # Two terms ranked in opposite orders: a window over the total would pick
+    # the same samples for both, SPEC's picks each term's own smallest.
+    losses = {name: torch.zeros(4) for name in dataclasses.asdict(LossWeights())}
+    losses["recon"] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    losses["cycle_au"] = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    weights = LossWeights()
+    assert window_loss(losses, weights, 0.0, 0.5).item() == pytest.approx(10 * 1.5 + 1 * 1.5)
+    assert Curriculum(lo=0.5, hi=1.0).select(losses, weights).item() == pytest.approx(10 * 3.5 + 3.5)
+
+
+def test_curriculum_trigger_forgets_the_best_then_decays_the_lr() -> None:
+    cur = Curriculum(patience=2, lr_patience=1)
+    assert cur.record(1.0) is None and cur.best == 1.0
+    assert [cur.record(1.5) for _ in range(3)] == [None, None, "slid"]  # more than 2 without improvement
+    assert (cur.lo, cur.hi, cur.best, cur.stale) == (0.1, 0.6, math.inf, 0)
+    assert cur.record(2.0) is None and cur.best == 2.0  # the best was forgotten: 2.0 is the new best
+    for _ in range(3):
+        cur.slide()
+    assert cur.done
+    assert [cur.record(3.0) for _ in range(2)] == [None, "lr"]
+    assert cur.lr_scale == pytest.approx(0.1) and cur.best == 2.0 and (cur.lo, cur.hi) == (0.4, 0.9)
+
+
+def test_sparsity_is_measured_after_the_border_clamp() -> None:
+    disp = torch.zeros(1, 2, 4, 4, requires_grad=True)
+    with torch.no_grad():
+        disp[0, 0] = 1.0  # every sample position moves 1 px left ...
+        disp[0, 0, :, 0] = 5.0  # ... the first column far beyond the edge: only 0 px are inside
+    sparsity = au_sparsity(disp, disp_scale=1.5)
+    # x − δ clamped to [0, 3]: column 0 moves 0, the others 1 px; y does not move.
+    assert sparsity.item() == pytest.approx((0 + 1 + 1 + 1) / 4 / 2 / 1.5)
+    sparsity.sum().backward()
+    assert (disp.grad[0, 0, :, 0] == 0).all() and (disp.grad[0, 0, :, 1:] != 0).all()
+
+
+def test_one_encoder_pass_per_image_group() -> None:
+    model = make_model(backend="grid_sample")
+    source, target = pair()
+    out = model(source, target)
+    # Training-mode BatchNorm: the targets' statistics must not mix into the sources' embedding.
+    au, pose = model.embed(source)
+    torch.testing.assert_close(out.source_au, au)
+    torch.testing.assert_close(out.source_pose, pose)
+    mixed_au, _ = model.embed(torch.cat([source, target]))
+    assert not torch.allclose(mixed_au[: len(source)], au)

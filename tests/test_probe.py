@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from tcae.model import TCAE, TCAEConfig
-from tcae.probe import (EMBEDDINGS, f1_scores, fit_detector, format_report, probe, probe_checkpoint, ridge_r2,
-                        select_alpha)
+from tcae.probe import (EMBEDDINGS, best_thresholds, f1_scores, fit_detector, format_report, probe, probe_checkpoint,
+                        ridge_r2, select_alpha)
 from tcae.synthetic import AU_NAMES, POSE_NAMES, SyntheticConfig, generate_dataset
-from tcae.train import TrainConfig, train
+from tcae.config import TrainConfig
+from tcae.train import train
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,6 +71,23 @@ def test_detector_learns_a_separable_problem():
     assert f1_scores(predicted, labels[200:].numpy(), valid[200:].numpy()).min() > 0.9
 
 
+def test_thresholds_are_chosen_for_f1_on_the_training_frames():
+    rng = np.random.default_rng(0)
+    truth = (rng.random((400, 2)) < 0.2).astype(np.float32)
+    # Positives score higher, but all logits sit below 0: threshold 0 finds no positive at all.
+    logits = rng.normal(size=(400, 2)) * 0.5 - 4 + 2 * truth
+    valid = np.ones_like(truth, dtype=bool)
+    assert (logits < 0).all() and f1_scores(logits > 0, truth, valid).max() == 0.0
+    thresholds = best_thresholds(logits, truth, valid)
+    assert (thresholds < 0).all() and np.isfinite(thresholds).all()
+    assert f1_scores(logits > thresholds, truth, valid).min() > 0.5
+    # A detector that knows nothing falls back to always-present, the best F1 a constant answer gets.
+    assert (best_thresholds(np.zeros((400, 2)), truth, valid) == -np.inf).all()
+    noise = rng.normal(size=(400, 2))
+    always = f1_scores(np.ones_like(truth), truth, valid)
+    assert (f1_scores(noise > best_thresholds(noise, truth, valid), truth, valid) >= always).all()
+
+
 def test_probe_reports_f1_and_r2_in_range(data):
     torch.manual_seed(0)
     model = TCAE(TCAEConfig(image_size=64, width=0.125, embed_dim=32, backend="grid_sample"))
@@ -89,9 +107,9 @@ def test_probe_reports_f1_and_r2_in_range(data):
 
 
 def test_probe_checkpoint_uses_the_runs_split(data, tmp_path):
-    config = TrainConfig(data=str(data), out=str(tmp_path), image_size=64, width=0.125, batch_size=4, steps=1,
-                         pairs_per_track=4, val_every=0, panel_every=0, num_workers=0, backend="grid_sample",
-                         held_out=0.25, seed=3)
+    config = TrainConfig(data=str(data), out=str(tmp_path), model={"image_size": 64, "width": 0.125,
+                                                                   "backend": "grid_sample"},
+                         batch_size=4, steps=1, val_every=-1, panel_every=0, num_workers=0, held_out=0.25, seed=3)
     model, _ = train(config)
     # Data, split and seed from the checkpoint; the restored model embeds exactly like the trained one.
     restored = probe_checkpoint(tmp_path / "checkpoint.pt", epochs=2)

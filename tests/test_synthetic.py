@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from tcae.data import load_image
+from tcae.frames import load_image
 from tcae.synthetic import (
     AU_NAMES,
     OCCURRENCE_THRESHOLD,
@@ -119,7 +119,7 @@ def test_png_round_trip(tmp_path):
     img = (np.random.default_rng(0).random((20, 30, 3)) * 255).astype(np.uint8)
     write_png(tmp_path / "x.png", img)
     back = load_image(tmp_path / "x.png", size=20)  # centre-crops 30 -> 20 columns, no resampling
-    decoded = ((back.numpy() + 1.0) * 127.5).round().astype(np.uint8).transpose(1, 2, 0)
+    decoded = (back.numpy() * 255.0).round().astype(np.uint8).transpose(1, 2, 0)
     np.testing.assert_array_equal(decoded, img[:, 5:25])
 
 

@@ -6,16 +6,15 @@ elsewhere; the Triton interpreter would make every step seconds long).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import textwrap
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +22,17 @@ import pytest
 import torch
 
 import tcae.checkpoint as checkpoint_module
+import tcae.config as config_module
+import tcae.monitor as monitor
 import tcae.train as train_module
-from tcae.checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
-from tcae.panels import COLUMNS, flow_to_rgb
+from tcae.checkpoint import CheckpointError, check_compatible, load_checkpoint, load_model, save_checkpoint
+from tcae.batches import GlobalBatches
+from tcae.config import TrainConfig, workers_and_threads
+from tcae.model import TCAE, TCAEConfig
+from tcae.monitor import NonFiniteLossError, Progress
+from tcae.panels import COLUMNS, flow_to_rgb, make_panel
 from tcae.synthetic import SyntheticConfig, generate_dataset
-from tcae.train import GlobalBatches, NonFiniteLossError, TrainConfig, train
+from tcae.train import train
 
 TIMING = ("img_per_s", "time")
 
@@ -44,9 +49,11 @@ def data(tmp_path_factory) -> Path:
 
 def tiny(data: Path, out: Path, **changes) -> TrainConfig:
     # 3 training identities × 5 pairs = 15 pairs: 3 batches of 4 per epoch, so 6 steps cross two epochs.
-    settings = dict(data=str(data), out=str(out), image_size=64, width=0.125, batch_size=4, steps=6,
-                    pairs_per_track=5, log_every=1, val_every=2, val_batches=1, panel_every=0, ckpt_every=2,
-                    num_workers=0, backend="grid_sample", threads=1)
+    model = dict(image_size=64, width=0.125, backend="grid_sample")
+    model.update({k: changes.pop(k) for k in list(changes) if k in model})
+    settings = dict(data=str(data), out=str(out), model=model, batch_size=4, steps=6, pairs_per_identity=5,
+                    log_every=1, val_every=2, val_batches=1, panel_every=0, ckpt_every=2, num_workers=0, threads=1,
+                    tensorboard=False)
     return TrainConfig(**{**settings, **changes})
 
 
@@ -94,10 +101,20 @@ def test_resume_continues_exactly(data, tmp_path, monkeypatch):
 
 def test_checkpoint_holds_full_state(trained):
     state = load_checkpoint(trained)
-    assert {"model", "optimizer", "scheduler", "curriculum", "val", "rng", "step", "epoch", "consumed",
+    assert {"model", "optimizer", "scheduler", "curriculum", "rng", "step", "epoch", "consumed",
             "config"} <= set(state)
     assert {"python", "numpy", "torch", "cuda"} <= set(state["rng"])
-    assert state["config"]["width"] == 0.125 and state["step"] == 2
+    assert {"lo", "hi", "best", "stale", "lr_scale"} <= set(state["curriculum"])
+    assert state["config"]["model"]["width"] == 0.125 and state["step"] == 2
+
+
+def test_model_is_rebuilt_from_the_checkpoint(data, trained):
+    # No width, size or padding given: the config inside the checkpoint is enough.
+    model, config = load_model(trained)
+    assert (model.config.width, model.config.image_size, model.config.padding) == (0.125, 64, "border")
+    saved = load_checkpoint(trained)["model"]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, saved[name]), name
 
 
 def test_incompatible_config_is_refused(data, trained, tmp_path):
@@ -108,7 +125,7 @@ def test_incompatible_config_is_refused(data, trained, tmp_path):
     assert "width: checkpoint 0.125, config 0.25" in message
     assert "image_size: checkpoint 64, config 128" in message
     assert "embed_dim" not in message
-    check_compatible(load_checkpoint(trained)["config"], asdict(tiny(data, tmp_path, lr=0.5)))  # lr may change
+    check_compatible(load_checkpoint(trained)["config"], tiny(data, tmp_path, lr=0.5).as_dict())  # lr may change
 
 
 def test_corrupt_checkpoint_is_detected(data, trained, tmp_path):
@@ -198,17 +215,33 @@ def test_panels_and_metrics(data, tmp_path):
     assert [Path(p).name for p in summary["panels"]] == ["step_000001.png", "step_000002.png"]
     png = Path(summary["panels"][-1]).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", png[16:24])
-    tile = 64 * 2  # zoom 2
-    assert (width, height) == (len(COLUMNS) * tile + (len(COLUMNS) - 1) * 2, 3 * tile + 2 * 2)
     records = metrics(out)
     steps = [r for r in records if "recon" in r]
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
-        assert {"total", "loss", "lr", "window", "grad_norm", "cycle_au", "au_sparsity"} <= set(r)
+        assert {"total", "loss", "lr", "window", "grad_norm", "cycle_au", "au_sparsity", "identity", "recon_ratio",
+                "disp_au_mean_px", "disp_pose_max_px"} <= set(r)
+        assert set(r["grad_norms"]) == {"encoder.trunk", "encoder.au_branch", "encoder.pose_branch", "au_decoder",
+                                        "pose_decoder"}
+        assert all(v > 0 for v in r["grad_norms"].values())
         assert math.isfinite(r["total"]) and r["lr"] == pytest.approx(1e-3)
-    assert any("val_loss" in r for r in records)
-    assert summary["img_per_s"] > 0 and summary["val_loss"] is not None
+        assert r["identity"] > 0 and r["recon_ratio"] == pytest.approx(r["recon"] / r["identity"])
+    val = [r for r in records if "val_pixel_loss" in r]
+    assert val and all(r["val_identity"] > 0 and r["val_recon"] > 0 for r in val)
+    assert summary["img_per_s"] > 0 and summary["val"]["recon"] > 0
+    assert summary["implementation"] == "grid_sample" and summary["threads"] == 1
+
+
+def test_plain_panel_grid_has_one_tile_per_column():
+    model = TCAE(TCAEConfig(image_size=64, width=0.125, backend="grid_sample")).eval()
+    source, target = torch.rand(3, 3, 64, 64), torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        image = make_panel(source, target, model(source, target), zoom=2)
+    tile = 64 * 2
+    assert image.shape == (3 * tile + 2 * 2, len(COLUMNS) * tile + (len(COLUMNS) - 1) * 2, 3)
+    # The source tile is the source, scaled to bytes.
+    expected = (source[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    assert np.array_equal(image[:tile:2, :tile:2], expected)
 
 
 def test_flow_colours():
@@ -243,8 +276,14 @@ def test_config_from_file_and_flags(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('data = "faces"\nimage_size = 128\noptimizer = "adam"\ncurriculum = false\n')
     config = train_module.config_from_args(parser.parse_args(["--config", str(toml), "--image-size", "64"]))
-    assert (config.data, config.image_size, config.optimizer, config.curriculum) == ("faces", 64, "adam", False)
+    assert (config.data, config.model.image_size, config.optimizer, config.curriculum) == ("faces", 64, "adam", False)
     assert (config.batch_size, config.lr, config.momentum) == (64, 1e-3, 0.9)  # SPEC defaults
+    assert config.recipe == "faithful"
+    # The model's fields nest; padding and in_channels are reachable from the command line.
+    config = train_module.config_from_args(parser.parse_args(["--padding", "zeros", "--in-channels", "1",
+                                                              "--recipe", "fast", "--lr", "5e-4"]))
+    assert (config.model.padding, config.model.in_channels) == ("zeros", 1)
+    assert (config.recipe, config.optimizer, config.lr) == ("fast", "adam", 5e-4)  # flags beat the recipe
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"image_size": 64, "learning_rate": 1}))
     with pytest.raises(ValueError, match="learning_rate"):
@@ -263,7 +302,8 @@ def test_cosine_schedule():
 
 DDP_DRIVER = """
 import os, sys, torch
-from tcae.train import TrainConfig, train
+from tcae.config import TrainConfig
+from tcae.train import train
 config = TrainConfig(**{settings})
 model, _ = train(config)
 torch.save({{n: p.detach() for n, p in model.named_parameters()}},
@@ -273,7 +313,7 @@ torch.save({{n: p.detach() for n, p in model.named_parameters()}},
 
 def test_ddp_replicas_stay_identical(data, tmp_path):
     out = tmp_path / "run"
-    config = asdict(tiny(data, out, steps=3, val_every=2, panel_every=3, ckpt_every=0, device="cpu"))
+    config = tiny(data, out, steps=3, val_every=2, panel_every=3, ckpt_every=0, device="cpu").as_dict()
     driver = tmp_path / "driver.py"
     driver.write_text(DDP_DRIVER.format(settings=repr(config)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -290,7 +330,7 @@ def test_ddp_replicas_stay_identical(data, tmp_path):
         assert torch.equal(ranks[1][name], value), name
         assert torch.equal(saved["model"][name], value), name
     torch.manual_seed(0)  # train() seeds with config.seed before building the model
-    initial = train_module.TCAE(tiny(data, out).model_config())
+    initial = TCAE(tiny(data, out).model)
     assert not torch.equal(dict(initial.named_parameters())["encoder.trunk.0.0.weight"],
                            ranks[0]["encoder.trunk.0.0.weight"])
     # Only rank 0 writes: one metrics line per step and a single panel.
@@ -304,3 +344,22 @@ def test_resume_on_finished_run_is_a_no_op(data, trained, tmp_path):
     shutil.copy(trained, out / "checkpoint.pt")
     _, summary = train(tiny(data, out, steps=2), resume="")
     assert summary["steps"] == 2
+
+
+def test_eta_counts_wall_clock_since_the_start(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(monitor.time, "perf_counter", lambda: clock[0])
+    progress = Progress(start=20, total=120, every=10, stream=io.StringIO())
+    clock[0] += 50.0  # 10 steps, validation and checkpoints included, took 50 s
+    assert progress.eta(30) == pytest.approx(90 * 5.0)
+    progress.update(30, "loss 1.0")
+    assert "eta 7m30s" in progress.stream.getvalue()
+
+
+@pytest.mark.parametrize("cores, device, expected", [(2, "cpu", (0, 1)), (4, "cpu", (0, 3)), (16, "cpu", (2, 14)),
+                                                     (64, "cpu", (4, 60))])
+def test_cpu_workers_and_threads_follow_the_cores(monkeypatch, cores, device, expected):
+    monkeypatch.setattr(config_module.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert workers_and_threads(TrainConfig(), torch.device(device)) == expected
+    # Explicit settings win.
+    assert workers_and_threads(TrainConfig(num_workers=3, threads=5), torch.device(device)) == (3, 5)
