@@ -1,7 +1,6 @@
 """The procedural face-video generator: determinism, ground truth, files."""
 
 import csv
-import time
 
 import numpy as np
 import pytest
@@ -148,14 +147,6 @@ def test_generate_dataset_layout_labels_and_determinism(tmp_path):
     generate_dataset(tmp_path / "b", config)
     for path in (tmp_path / "a").rglob("*.*"):
         assert path.read_bytes() == (tmp_path / "b" / path.relative_to(tmp_path / "a")).read_bytes()
-
-
-def test_generate_dataset_is_fast(tmp_path):
-    start = time.perf_counter()
-    config = SyntheticConfig(identities=4, videos_per_identity=2, frames_per_video=24, size=64)
-    summary = generate_dataset(tmp_path, config)
-    assert summary["frames"] == 192
-    assert time.perf_counter() - start < 15.0  # about 1 s on 2 cores; generous for loaded CI machines
 
 
 def test_generate_dataset_rejects_bad_config(tmp_path):
