@@ -71,24 +71,22 @@ def _axis(coord, d, size, BORDER: tl.constexpr):
     """
     t = coord - d
     if BORDER:
-        lo = 0.0
         hi = size - 1.0
+        i0 = tl.floor(tl.minimum(tl.maximum(t, 0.0), hi))
+        # Bounds are tested on d, exactly: t itself may have rounded onto one.
+        inside = (d >= coord - hi) & (d <= coord)
+        a = tl.where(inside, (coord - i0) - d, tl.minimum(tl.maximum(t, 0.0), hi) - i0)
+        gate = (d < coord) & (d > coord - hi)
     else:
-        lo = -2.0
-        hi = size + 1.0
-    # Bounds are tested on d, exactly: t itself may have rounded onto one.
-    inside = (d >= coord - hi) & (d <= coord - lo)
-    tc = tl.minimum(tl.maximum(t, lo), hi)
-    i0 = tl.floor(tc)
-    a = tl.where(inside, (coord - i0) - d, tc - i0)
+        # Two pixels out every neighbour is outside, so the clamp changes no value;
+        # there the weight is finite but meaningless, and multiplies zeros only.
+        i0 = tl.floor(tl.minimum(tl.maximum(t, -2.0), size + 1.0))
+        a = (coord - i0) - d
+        gate = tl.full(t.shape, 1, tl.int1)
     # t was rounded: it may sit on the integer just above its true floor.
     below = a < 0
     i0 = tl.where(below, i0 - 1.0, i0)
     a = tl.where(below, a + 1.0, a)
-    if BORDER:
-        gate = (d < coord) & (d > coord - hi)
-    else:
-        gate = inside | True
     return i0, a, gate
 
 
