@@ -15,16 +15,12 @@ import pytest
 import torch
 
 from tcae_kernels import cpu, merge_displacements, warp_naive
+from tcae_kernels.testing import TOLERANCES, make_disp, rel_err
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="numba is not installed")
 
 # SPEC section 3: relative L2 error against the float64 reference.
-TOL = {
-    torch.float64: (1e-12, 1e-10),
-    torch.float32: (1e-6, 1e-5),
-    torch.float16: (2e-3, 5e-3),
-    torch.bfloat16: (1e-2, 2e-2),
-}
+TOL = TOLERANCES
 DTYPES = list(TOL)
 PADDINGS = ["zeros", "border"]
 # (B, C, H_in, W_in, H, W): odd sizes, H or W = 1, src size ≠ out size, a wide row far from the origin.
@@ -37,37 +33,9 @@ def seeded(*key: object) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖ / ‖b‖; where b is all zeros, a must be too."""
-    a, b = a.double(), b.double()
-    den = b.norm()
-    if den == 0:
-        return 0.0 if a.norm() == 0 else float("inf")
-    return ((a - b).norm() / den).item()
-
-
 def field_dtype(dtype: torch.dtype) -> torch.dtype:
     """Mixed precision for bfloat16 (float32 δ beside it); float16 keeps δ in float16."""
     return torch.float32 if dtype == torch.bfloat16 else dtype
-
-
-def make_disp(kind: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    """Displacements in pixels of the kind named."""
-    if kind == "small":
-        d = torch.randn(shape, generator=gen, dtype=torch.float64) * 2
-    elif kind == "large":
-        d = torch.randn(shape, generator=gen, dtype=torch.float64) * 25
-    elif kind == "integer":
-        d = torch.randint(-3, 4, shape, generator=gen).double()
-    elif kind == "half_integer":
-        d = torch.randint(-3, 4, shape, generator=gen).double() + 0.5
-    else:  # far: mostly near, some far outside on either side, some at the edge of the dtype's range
-        d = torch.randn(shape, generator=gen, dtype=torch.float64) * 2
-        pick = torch.rand(shape, generator=gen)
-        far, big = (3e4, 6e4) if dtype == torch.float16 else (1e6, 1e30)
-        d = torch.where(pick < 0.15, torch.full_like(d, far), d)
-        d = torch.where((pick >= 0.15) & (pick < 0.3), torch.full_like(d, -big), d)
-    return d.to(dtype)
 
 
 def reference(fn, inputs: list[torch.Tensor], grad: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -93,7 +61,7 @@ def test_warp_matches_reference(kind, dtype, padding):
     for b, c, h_in, w_in, h, w in SHAPES:
         gen = seeded("warp", kind, str(dtype), padding, h_in, w_in)
         src = torch.randn(b, c, h_in, w_in, generator=gen, dtype=torch.float64).to(dtype)
-        disp = make_disp(kind, (b, 2, h, w), field_dtype(dtype), gen)
+        disp = make_disp(kind, b, h, w, field_dtype(dtype), "cpu", gen)
         grad_out = torch.randn(b, c, h, w, generator=gen, dtype=torch.float64).to(dtype)
         out = cpu.warp_forward(src, disp, padding)
         gs, gd = cpu.warp_backward(grad_out, src, disp, padding, True, True)
@@ -116,8 +84,8 @@ def test_merged_warp_matches_reference(kind, dtype, padding):
         gen = seeded("merged", kind, str(dtype), padding, h_in, w_in)
         src = torch.randn(b, c, h_in, w_in, generator=gen, dtype=torch.float64).to(dtype)
         fdt = field_dtype(dtype)
-        disp_a = make_disp(kind, (b, 2, h, w), fdt, gen)
-        disp_b = make_disp("small", (b, 2, h, w), fdt, gen)
+        disp_a = make_disp(kind, b, h, w, fdt, "cpu", gen)
+        disp_b = make_disp("small", b, h, w, fdt, "cpu", gen)
         logits = [(torch.randn(b, 1, h, w, generator=gen, dtype=torch.float64) * 2).to(fdt) for _ in range(2)]
         fields = [disp_a, disp_b, *logits]
         grad_out = torch.randn(b, c, h, w, generator=gen, dtype=torch.float64).to(dtype)
@@ -145,7 +113,7 @@ def test_warp_l1_matches_reference(kind, dtype, padding):
     for b, c, h_in, w_in, h, w in SHAPES[:4]:
         gen = seeded("l1", kind, str(dtype), padding, h_in, w_in)
         src = torch.randn(b, c, h_in, w_in, generator=gen, dtype=torch.float64).to(dtype)
-        disp = make_disp(kind, (b, 2, h, w), field_dtype(dtype), gen)
+        disp = make_disp(kind, b, h, w, field_dtype(dtype), "cpu", gen)
         target = torch.randn(b, c, h, w, generator=gen, dtype=torch.float64).to(dtype)
         grad_loss = torch.randn(b, generator=gen, dtype=torch.float64).to(cpu._acc(dtype))
         loss = cpu.warp_l1_forward(src, disp, target, padding)
@@ -197,7 +165,7 @@ def test_integer_shift_is_shifted_copy():
 def test_non_finite_displacement(padding, bad):
     gen = seeded("nonfinite", padding, bad)
     src = torch.randn(2, 3, 7, 9, generator=gen)
-    disp = make_disp("small", (2, 2, 7, 9), torch.float32, gen)
+    disp = make_disp("small", 2, 7, 9, torch.float32, "cpu", gen)
     hit = torch.zeros(2, 7, 9, dtype=torch.bool)
     hit[0, 3, 4] = hit[1, 0, 0] = hit[1, 6, 8] = True
     disp[:, 0][hit] = bad  # δx only: the whole pixel is still poisoned
@@ -272,7 +240,7 @@ def test_strided_inputs(layout):
     """Any strides read in place give the same bits as contiguous inputs; channels_last stays channels_last."""
     gen = seeded("strided", layout)
     src = torch.randn(2, 5, 8, 9, generator=gen)
-    disp = make_disp("small", (2, 2, 8, 9), torch.float32, gen)
+    disp = make_disp("small", 2, 8, 9, torch.float32, "cpu", gen)
     grad_out = torch.randn(2, 5, 8, 9, generator=gen)
     target = torch.randn(2, 5, 8, 9, generator=gen)
     s, d, g, t = src, disp, grad_out, target
