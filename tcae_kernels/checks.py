@@ -26,7 +26,7 @@ def check_padding(padding: object) -> str:
     return padding  # type: ignore[return-value]
 
 
-def check_disp_dtype(src: torch.Tensor, disp: torch.Tensor, disp_name: str = "disp") -> None:
+def check_disp_dtype(src: torch.Tensor, disp: torch.Tensor, disp_name: str) -> None:
     """disp matches src's dtype, or is float32 beside a float16/bfloat16 src (mixed precision)."""
     if disp.dtype == src.dtype:
         return

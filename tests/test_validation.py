@@ -40,7 +40,9 @@ CASES = [
     ("disp 3 channels", lambda f: f(z(1, 1, 4, 4), z(1, 3, 4, 4)), ValueError, "disp", "2 channels", "(1, 3, 4, 4)"),
     ("batch differs", lambda f: f(z(2, 1, 4, 4), z(1, 2, 4, 4)), ValueError, "disp", "(2)", "got 1"),
     ("disp integer", lambda f: f(z(1, 1, 4, 4), z(1, 2, 4, 4, dtype=torch.int64)), TypeError, "disp", "floating point", "int64"),
-    ("disp float64 beside float32", lambda f: f(z(1, 1, 4, 4), z(1, 2, 4, 4, dtype=torch.float64)), TypeError, "disp", "torch.float32", "torch.float64"),
+    ("disp float64 beside float32", lambda f: f(z(1, 1, 4, 4), z(1, 2, 4, 4, dtype=torch.float64)), TypeError, "disp", "torch.float32 (src's dtype), got", "torch.float64"),
+    ("disp float64 beside half", lambda f: f(z(1, 1, 4, 4, dtype=torch.float16), z(1, 2, 4, 4, dtype=torch.float64)), TypeError, "disp", "torch.float16 (src's dtype) or float32, got", "torch.float64"),
+    ("disp on another device", lambda f: f(z(1, 1, 4, 4), torch.zeros(1, 2, 4, 4, device="meta")), ValueError, "disp", "must be on cpu", "meta"),
     ("disp float32 beside float64", lambda f: f(z(1, 1, 4, 4, dtype=torch.float64), z(1, 2, 4, 4)), TypeError, "disp", "torch.float64", "torch.float32"),
     ("disp bf16 beside half", lambda f: f(z(1, 1, 4, 4, dtype=torch.float16), z(1, 2, 4, 4, dtype=torch.bfloat16)), TypeError, "disp", "float16", "bfloat16"),
     ("disp half beside float32", lambda f: f(z(1, 1, 4, 4), z(1, 2, 4, 4, dtype=torch.float16)), TypeError, "disp", "float32", "float16"),
@@ -49,6 +51,11 @@ CASES = [
 
 OTHER_CASES = [
     ("merged_warp disp_b shape", merged(disp_b=z(2, 2, 4, 5)), ValueError, "disp_b", "(2, 2, 4, 4)", "(2, 2, 4, 5)"),
+    ("merged_warp disp_b H and W", merged(src=z(2, 3, 4, 5), disp_a=z(2, 2, 4, 5), disp_b=z(2, 2, 5, 5),
+                                          logit_a=z(2, 1, 4, 5), logit_b=z(2, 1, 4, 5)),
+     ValueError, "disp_b", "(2, 2, 4, 5)", "(2, 2, 5, 5)"),
+    ("merged_warp disp_b not a tensor", merged(disp_b=[[0.0]]), TypeError, "disp_b", "torch.Tensor", "list"),
+    ("merged_warp logit_a device", merged(logit_a=torch.zeros(2, 1, 4, 4, device="meta")), ValueError, "logit_a", "must be on cpu", "meta"),
     ("merged_warp logit_a channels", merged(logit_a=z(2, 2, 4, 4)), ValueError, "logit_a", "(2, 1, 4, 4)", "(2, 2, 4, 4)"),
     ("merged_warp logit_b dtype", merged(logit_b=z(2, 1, 4, 4, dtype=torch.float64)), TypeError, "logit_b", "torch.float32", "torch.float64"),
     ("merged_warp disp_a channels", merged(disp_a=z(2, 3, 4, 4)), ValueError, "disp_a", "2 channels", "(2, 3, 4, 4)"),
