@@ -256,8 +256,13 @@ def warp_channels(
     IDX64: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """out at one block of pixels whose positions are known: every forward's channel loop."""
-    # A NaN weight makes every channel of a non-finite δ's pixel NaN (NaN · 0 is NaN too).
-    axc = per_channel(tl.where(finite, ax, float("nan")), BLOCK_C)
+    if BLOCK_C == 1:
+        # A NaN weight makes every channel of a non-finite δ's pixel NaN (NaN · 0 too), at
+        # one select per pixel; a tile keeps its select per channel (fewer registers).
+        axc = tl.where(finite, ax, float("nan"))
+    else:
+        axc = ax[:, None]
+        bad = (finite == 0)[:, None]
     ayc = per_channel(ay, BLOCK_C)
     for c0 in range(0, C, BLOCK_C):
         s_off = channel_offsets(src_pix, c0, ss_c, IDX64, BLOCK_C)
@@ -265,6 +270,8 @@ def warp_channels(
         o_off = channel_offsets(out_pix, c0, so_c, IDX64, BLOCK_C)
         v00, v01, v10, v11 = load_neighbours(src_ptr, s_off, ss_h, ss_w, m00, m01, m10, m11, cm, ax.dtype, BLOCK_C)
         val = interpolate(v00, v01, v10, v11, axc, ayc)
+        if BLOCK_C > 1:
+            val = tl.where(bad, float("nan"), val)
         tl.store(out_ptr + o_off, val.to(out_ptr.dtype.element_ty), mask=cm)
 
 
