@@ -123,30 +123,10 @@ def grid_sample_kernel(src, disp, padding, need_src, need_disp) -> Prepared:
     )
 
 
-class _CompiledCPUWarp(torch.autograd.Function):
-    """The compiled CPU kernels (tcae_kernels.cpu, numba) behind autograd."""
-
-    @staticmethod
-    def forward(ctx, src, disp, padding):
-        ctx.save_for_backward(src, disp)
-        ctx.padding = padding
-        return cpu.warp_forward(src, disp, padding)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        src, disp = ctx.saved_tensors
-        return (*cpu.warp_backward(grad_out, src, disp, ctx.padding, *ctx.needs_input_grad[:2]), None)
-
-
-def compiled_cpu_warp(src: torch.Tensor, disp: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
-    """The warp through tcae_kernels.cpu (CPU tensors only; needs numba)."""
-    return _CompiledCPUWarp.apply(src, disp, padding)
-
-
 IMPLS: dict[str, Callable[..., Prepared]] = {
     "ours": standard(tcae_kernels.warp),
     "fallback": standard(tcae_kernels.warp_torch),
-    **({"cpu": standard(compiled_cpu_warp)} if cpu.available() else {}),
+    **({"cpu": standard(cpu.warp)} if cpu.available() else {}),
     "gs-path": standard(grid_sample_path),
     "gs-kernel": grid_sample_kernel,
     "naive": standard(naive_fp32),

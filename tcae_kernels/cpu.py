@@ -871,3 +871,22 @@ def warp_l1_backward(
         _as(grad_disp, disp.dtype) if need_disp else None,
         _as(grad_target, target.dtype) if need_target else None,
     )
+
+
+class _Warp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, src, disp, padding):
+        ctx.save_for_backward(src, disp)
+        ctx.padding = padding
+        return warp_forward(src, disp, padding)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        src, disp = ctx.saved_tensors
+        return (*warp_backward(grad_out, src, disp, ctx.padding, *ctx.needs_input_grad[:2]), None)
+
+
+def warp(src: torch.Tensor, disp: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
+    """The warp (x − δ, pixels) through these kernels behind autograd, on CPU tensors, whatever
+    the op's dispatch would pick: what the benchmark times and gradcheck checks. Needs numba."""
+    return _Warp.apply(src, disp, padding)

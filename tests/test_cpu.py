@@ -125,21 +125,6 @@ def test_warp_l1_matches_reference(kind, dtype, padding):
         check("grad_target", gt, ref_gt, tol_grad, dtype)
 
 
-class _Warp(torch.autograd.Function):
-    """cpu.warp_forward/backward behind autograd, for gradcheck."""
-
-    @staticmethod
-    def forward(ctx, src, disp, padding):
-        ctx.save_for_backward(src, disp)
-        ctx.padding = padding
-        return cpu.warp_forward(src, disp, padding)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        src, disp = ctx.saved_tensors
-        return (*cpu.warp_backward(grad_out, src, disp, ctx.padding, *ctx.needs_input_grad[:2]), None)
-
-
 @pytest.mark.parametrize("padding", PADDINGS)
 def test_gradcheck(padding):
     gen = seeded("gradcheck", padding)
@@ -147,7 +132,7 @@ def test_gradcheck(padding):
     # Fractional parts kept away from integers, where the derivative jumps.
     whole = torch.randint(-3, 4, (2, 2, 3, 4), generator=gen).double()
     disp = (whole + 0.15 + 0.7 * torch.rand(2, 2, 3, 4, generator=gen, dtype=torch.float64)).requires_grad_()
-    assert torch.autograd.gradcheck(lambda s, d: _Warp.apply(s, d, padding), (src, disp), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(lambda s, d: cpu.warp(s, d, padding), (src, disp), eps=1e-6, atol=1e-7)
 
 
 def test_integer_shift_is_shifted_copy():

@@ -306,10 +306,12 @@ def test_empty_sizes(device, impl, padding, src_shape, disp_shape):
 def test_cpu_without_interpreter_dispatches_to_fallback():
     """Without the interpreter each op's CPU kernel is the compiled CPU path (numba; the eager
     fallback without it), registered with torch.library: the ops run (a Triton launch on CPU
-    would fail) and export as one node each."""
+    would fail) and export as one node each. Importing the package does not import numba."""
     script = """
+import sys
 import torch
 import tcae_kernels as tk
+assert "numba" not in sys.modules  # imported at the first CPU call, not at start-up
 from tcae_kernels import fallback
 from tcae_kernels import cpu
 assert tk.implementation("cpu") == ("numba" if cpu.available() else "pytorch"), tk.implementation("cpu")

@@ -15,8 +15,6 @@ from typing import Callable
 
 import torch
 
-from .. import cpu
-
 try:
     import triton
 except ImportError:  # no Triton wheel for this platform: the fallback serves every device
@@ -38,9 +36,22 @@ def implementation(device: torch.device | str) -> str:
     if device.type == "cpu":
         if triton is not None and INTERPRET:
             return "triton-interpreter"
+        from .. import cpu
+
         if cpu.available():
             return "numba"
     return "pytorch"
+
+
+def compiled_cpu():
+    """The compiled CPU kernels (tcae_kernels.cpu), or None after one warning without numba.
+
+    Imported at the first CPU call, not with the package: importing numba costs
+    start-up time that GPU users need not pay.
+    """
+    from .. import cpu
+
+    return cpu.kernels_or_none()
 
 
 # Every op by name (tests switch their CPU kernels off to run the eager fallback).

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from .. import cpu, fallback
+from .. import fallback
 from ..checks import check_field, check_tensor, check_warp_args
 from .launch import (
     GradSrc,
+    compiled_cpu,
     define_op,
     empty_like_src,
     grad_out_bound,
@@ -188,7 +189,7 @@ def _cpu_forward(
     src: torch.Tensor, disp_a: torch.Tensor, disp_b: torch.Tensor, logit_a: torch.Tensor, logit_b: torch.Tensor,
     padding: str, deterministic: bool,
 ) -> torch.Tensor:
-    compiled = cpu.kernels_or_none()
+    compiled = compiled_cpu()
     if compiled is None:
         return fallback.merged_warp_forward(src, disp_a, disp_b, logit_a, logit_b, padding, deterministic)
     return compiled.merged_warp_forward(src, disp_a, disp_b, logit_a, logit_b, padding)
@@ -200,7 +201,7 @@ def _cpu_backward(
     need_src: bool, need_fields: bool, deterministic: bool,
 ) -> list[torch.Tensor]:
     fields = (disp_a, disp_b, logit_a, logit_b)
-    compiled = cpu.kernels_or_none()
+    compiled = compiled_cpu()
     if compiled is None:
         return fallback.merged_warp_backward(grad_out, src, *fields, padding, need_src, need_fields, deterministic)
     grad_src, grads = compiled.merged_warp_backward(grad_out, src, *fields, padding, need_src, need_fields)

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import torch
 
-from .. import cpu, fallback
+from .. import fallback
 from ..checks import check_warp_args
 from .launch import (
     GradSrc,
+    compiled_cpu,
     define_op,
     empty_like_src,
     grad_out_bound,
@@ -140,7 +141,7 @@ def _backward_fake(grad_out, src, disp, padding, need_src, need_disp, determinis
 
 
 def _cpu_forward(src: torch.Tensor, disp: torch.Tensor, padding: str, deterministic: bool) -> torch.Tensor:
-    compiled = cpu.kernels_or_none()
+    compiled = compiled_cpu()
     if compiled is None:
         return fallback.warp_forward(src, disp, padding, deterministic)
     return compiled.warp_forward(src, disp, padding)
@@ -150,7 +151,7 @@ def _cpu_backward(
     grad_out: torch.Tensor, src: torch.Tensor, disp: torch.Tensor, padding: str,
     need_src: bool, need_disp: bool, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    compiled = cpu.kernels_or_none()
+    compiled = compiled_cpu()
     if compiled is None:
         return fallback.warp_backward(grad_out, src, disp, padding, need_src, need_disp, deterministic)
     grad_src, grad_disp = compiled.warp_backward(grad_out, src, disp, padding, need_src, need_disp)

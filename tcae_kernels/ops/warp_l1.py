@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from .. import cpu, fallback
+from .. import fallback
 from ..checks import check_tensor, check_warp_args
 from .launch import (
     GradSrc,
     acc_dtype,
+    compiled_cpu,
     define_op,
     empty_like_src,
     needs_int64,
@@ -225,7 +226,7 @@ def _backward_fake(grad_loss, src, disp, target, padding, need_src, need_disp, n
 def _cpu_forward(
     src: torch.Tensor, disp: torch.Tensor, target: torch.Tensor, padding: str, deterministic: bool
 ) -> torch.Tensor:
-    compiled = cpu.kernels_or_none()
+    compiled = compiled_cpu()
     if compiled is None:
         return fallback.warp_l1_forward(src, disp, target, padding, deterministic)
     return compiled.warp_l1_forward(src, disp, target, padding)
@@ -235,7 +236,7 @@ def _cpu_backward(
     grad_loss: torch.Tensor, src: torch.Tensor, disp: torch.Tensor, target: torch.Tensor, padding: str,
     need_src: bool, need_disp: bool, need_target: bool, deterministic: bool,
 ) -> list[torch.Tensor]:
-    compiled = cpu.kernels_or_none()
+    compiled = compiled_cpu()
     if compiled is None:
         return fallback.warp_l1_backward(
             grad_loss, src, disp, target, padding, need_src, need_disp, need_target, deterministic
