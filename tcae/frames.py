@@ -233,7 +233,22 @@ def split_identities(
 # --- frame pairs for self-supervised training ----------------------------------
 
 
-class FramePairDataset(Dataset):
+class _CountsSkippedFrames:
+    """The skip count of a dataset that reads its frames through ``self._skipped``."""
+
+    _skipped: _SkipCounter
+
+    @property
+    def skipped_frames(self) -> int:
+        """Number of distinct frames found unreadable so far in this process."""
+        return len(self._skipped.paths)
+
+    @property
+    def skipped_paths(self) -> list[Path]:
+        return list(self._skipped.paths)
+
+
+class FramePairDataset(_CountsSkippedFrames, Dataset):
     """(source, target) frame pairs from the same track, for TCAE training (SPEC section 6).
 
     Each epoch holds ``pairs_per_identity`` pairs per identity (the original:
@@ -299,15 +314,6 @@ class FramePairDataset(Dataset):
         for ti, t in enumerate(self.tracks):
             self._videos.setdefault(t.identity, {}).setdefault(t.video, []).append(ti)
         self.set_epoch(0)
-
-    @property
-    def skipped_frames(self) -> int:
-        """Number of distinct frames found unreadable so far in this process."""
-        return len(self._skipped.paths)
-
-    @property
-    def skipped_paths(self) -> list[Path]:
-        return list(self._skipped.paths)
 
     def set_epoch(self, epoch: int) -> None:
         """Draw this epoch's pairs and crops from ``(seed, epoch)``."""

@@ -15,7 +15,16 @@ import torch
 from torch.utils.data import Dataset
 
 from .common import POSE_NAMES
-from .frames import _LAYOUT, IMAGE_EXTENSIONS, _decoder, _scan_tracks, _SkipCounter, _to_tensor, _Track
+from .frames import (
+    _LAYOUT,
+    IMAGE_EXTENSIONS,
+    _CountsSkippedFrames,
+    _decoder,
+    _scan_tracks,
+    _SkipCounter,
+    _to_tensor,
+    _Track,
+)
 
 __all__ = ["LabelledFrames"]
 
@@ -98,7 +107,7 @@ def _frame_key(text: str) -> str:
     return str(int(stem)) if stem.isdigit() else stem
 
 
-class LabelledFrames(Dataset):
+class LabelledFrames(_CountsSkippedFrames, Dataset):
     """Single frames with per-frame AU labels, for the AU-detection probe.
 
     Every track folder (layout as in the module docstring) with a label CSV
@@ -173,15 +182,6 @@ class LabelledFrames(Dataset):
         if not self._items:
             raise ValueError(f"no frame under {root} matches a row of its label CSV")
         self.identities = sorted({t.identity for t, *_ in self._items})
-
-    @property
-    def skipped_frames(self) -> int:
-        """Number of distinct frames found unreadable so far in this process."""
-        return len(self._skipped.paths)
-
-    @property
-    def skipped_paths(self) -> list[Path]:
-        return list(self._skipped.paths)
 
     def __len__(self) -> int:
         return len(self._items)

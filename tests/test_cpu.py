@@ -16,6 +16,7 @@ import torch
 
 from tcae_kernels import cpu, merge_displacements, warp_naive
 from tcae_kernels.testing import TOLERANCES, make_disp, rel_err
+from test_warp import EMPTY_SHAPES
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="numba is not installed")
 
@@ -183,17 +184,7 @@ def test_non_finite_displacement(padding, bad):
         assert torch.isnan(at(g)).all() and torch.isfinite(away(g)).all()
 
 
-@pytest.mark.parametrize(
-    "src_shape,disp_shape",
-    [
-        ((0, 3, 4, 4), (0, 2, 4, 4)),
-        ((2, 0, 4, 4), (2, 2, 4, 4)),
-        ((2, 3, 4, 4), (2, 2, 0, 4)),
-        ((2, 3, 4, 4), (2, 2, 4, 0)),
-        ((2, 3, 0, 4), (2, 2, 3, 3)),
-        ((2, 3, 4, 0), (2, 2, 3, 3)),
-    ],
-)
+@pytest.mark.parametrize("src_shape,disp_shape", EMPTY_SHAPES)
 def test_empty_sizes(src_shape, disp_shape):
     src = torch.randn(src_shape)
     disp = torch.randn(disp_shape)

@@ -21,6 +21,15 @@ warp_module = importlib.import_module("tcae_kernels.ops.warp")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 IMPLS = {"kernels": warp, "fallback": warp_torch}
 PADDINGS = ["zeros", "border"]
+# (src shape, disp shape) with an empty batch, channel, output row or column, or source.
+EMPTY_SHAPES = [
+    ((0, 3, 4, 4), (0, 2, 4, 4)),
+    ((2, 0, 4, 4), (2, 2, 4, 4)),
+    ((2, 3, 4, 4), (2, 2, 0, 4)),
+    ((2, 3, 4, 4), (2, 2, 4, 0)),
+    ((2, 3, 0, 4), (2, 2, 3, 3)),
+    ((2, 3, 4, 0), (2, 2, 3, 3)),
+]
 
 # (B, C, H_in, W_in, H, W): odd sizes, H or W = 1, C up to 33, src size ≠ out size.
 SHAPES = [
@@ -279,17 +288,7 @@ def test_gradients_only_where_required(device, impl):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("padding", PADDINGS)
-@pytest.mark.parametrize(
-    "src_shape,disp_shape",
-    [
-        ((0, 3, 4, 4), (0, 2, 4, 4)),
-        ((2, 0, 4, 4), (2, 2, 4, 4)),
-        ((2, 3, 4, 4), (2, 2, 0, 4)),
-        ((2, 3, 4, 4), (2, 2, 4, 0)),
-        ((2, 3, 0, 4), (2, 2, 3, 3)),
-        ((2, 3, 4, 0), (2, 2, 3, 3)),
-    ],
-)
+@pytest.mark.parametrize("src_shape,disp_shape", EMPTY_SHAPES)
 def test_empty_sizes(device, impl, padding, src_shape, disp_shape):
     src = torch.randn(src_shape, device=device, requires_grad=True)
     disp = torch.randn(disp_shape, device=device, requires_grad=True)
