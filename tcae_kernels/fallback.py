@@ -1,6 +1,7 @@
 """The PyTorch fallback of every op: the kernels' math, vectorized over tensors.
 
-It is each custom op's CPU kernel when the Triton interpreter is off. It
+It is each custom op's default kernel: what runs on devices without a
+registered kernel, and on CPU without numba or the interpreter. It
 follows the kernels step by step (same position arithmetic, same masks), so
 its results match theirs to rounding; its src-gradient scatter is
 deterministic. Every function takes and returns what its op does (an empty
