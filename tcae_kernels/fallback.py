@@ -7,6 +7,14 @@ its results match theirs to rounding; its src-gradient scatter is
 deterministic. Every function takes and returns what its op does (an empty
 tensor for a gradient not asked for). ``warp_torch`` is the warp through it on
 any device.
+
+The forwards are also each op's differentiable composite (see
+``launch.register_autograd``): autograd, forward mode and torch.func follow
+them op by op and get the ops' gradient conventions (right-sided derivative
+at integer positions, border gates, NaN slopes at a non-finite δ) to every
+order, because every dependence on δ goes through ``_axis``'s gated slope
+and ``_nan_where_not_finite``. So they use no in-place arithmetic (torch.vmap
+cannot batch it).
 """
 
 from __future__ import annotations
@@ -25,8 +33,12 @@ def _axis(coord: torch.Tensor, d: torch.Tensor, size: int, border: bool):
     Returns the left neighbour i0 (the right one is i0 + 1), the weight a of
     the right one, and where δ along this axis receives gradient. The weight is
     (coord − i0) − d rather than (coord − d) − i0: both subtractions are exact
-    for δ of a few pixels, so positions far from the origin keep full precision.
+    for δ of a few pixels, so positions far from the origin keep full precision
+    (up to 2**24 pixels in float32, where coord itself stops being exact).
+    a carries d's autograd with slope −1 where gate holds and 0 elsewhere,
+    exactly the kernels' convention; its value is computed from d's value alone.
     """
+    slope, d = d, d.detach()
     t = coord - d
     lo, hi = (0.0, size - 1.0) if border else (-2.0, size + 1.0)
     # Bounds are tested on d, exactly: t itself may have rounded onto one.
@@ -39,6 +51,8 @@ def _axis(coord: torch.Tensor, d: torch.Tensor, size: int, border: bool):
     i0 = torch.where(below, i0 - 1, i0)
     a = torch.where(below, a + 1, a)
     gate = (d < coord) & (d > coord - hi) if border else torch.ones_like(inside)
+    # d − slope is 0 (d is finite here), so a keeps its value exactly.
+    a = a + torch.where(gate, d - slope, 0.0)
     return i0.long(), a, gate
 
 
@@ -105,21 +119,35 @@ def _gather(flat: torch.Tensor, index: torch.Tensor, acc: torch.dtype) -> torch.
     return flat.gather(2, index.unsqueeze(1).expand(b, c, index.shape[1])).to(acc)
 
 
+def _nan_where_not_finite(x: torch.Tensor, finite: torch.Tensor, *fields: torch.Tensor) -> torch.Tensor:
+    """x [B, C, P] with NaN at the pixels where finite [B, P] is False.
+
+    There its slope w.r.t. every element of each field ([B, k, P]: δ; for
+    warp_l1 the target too) is NaN as well (SPEC: NaN in its gradients); the
+    values x came from (src) get none of it: such a pixel sends nothing to src.
+    Each ``where`` keeps the other side's NaN out of every gradient and tangent
+    of a finite pixel.
+    """
+    keep = finite.unsqueeze(1)
+    nan = torch.where(keep, 1.0, float("nan")).to(x.dtype)
+    poison = sum(torch.where(keep, 0.0, f.to(x.dtype)).sum(dim=1, keepdim=True) for f in fields) * nan
+    return torch.where(keep, x, poison)
+
+
 def _warp(src: torch.Tensor, disp: torch.Tensor, padding: str) -> torch.Tensor:
     """The warp in the arithmetic dtype, [B, C, H, W] contiguous."""
     b, c, h_in, w_in = src.shape
     _, _, h, w = disp.shape
     acc = acc_dtype(src)
-    out = torch.zeros(b, c, h * w, dtype=acc, device=src.device)
     if h_in * w_in == 0:
+        out = torch.zeros(b, c, h * w, dtype=acc, device=src.device)
         finite = torch.isfinite(disp).all(dim=1).reshape(b, h * w)
     else:
         nb = neighbours(disp, h_in, w_in, padding, acc)
         flat = src.reshape(b, c, h_in * w_in)
-        for index, weight in zip(nb.index, nb.weight):
-            out += _gather(flat, index, acc) * weight.unsqueeze(1)
+        out = sum(_gather(flat, index, acc) * weight.unsqueeze(1) for index, weight in zip(nb.index, nb.weight))
         finite = nb.finite
-    return out.masked_fill(~finite.unsqueeze(1), float("nan")).view(b, c, h, w)
+    return _nan_where_not_finite(out, finite, disp.reshape(b, 2, h * w)).view(b, c, h, w)
 
 
 def _warp_grads(
@@ -209,7 +237,12 @@ def warp_l1_forward(
 ) -> torch.Tensor:
     # Warped in the arithmetic dtype, as the kernel does: a bfloat16 image
     # rounded before the difference would flip the sign of small residuals.
-    return (_warp(src, disp, padding) - target.to(acc_dtype(src))).abs().flatten(1).mean(dim=1)
+    b, c, h, w = target.shape
+    diff = (_warp(src, disp, padding) - target.to(acc_dtype(src))).reshape(b, c, h * w)
+    # |NaN − t| has no slope in t either (abs's own derivative at NaN is 0).
+    finite = torch.isfinite(disp).all(dim=1).reshape(b, h * w)
+    diff = _nan_where_not_finite(diff, finite, disp.reshape(b, 2, h * w), target.reshape(b, c, h * w))
+    return diff.abs().flatten(1).mean(dim=1)
 
 
 def warp_l1_backward(

@@ -6,14 +6,21 @@ the eager PyTorch fallback, with the Triton launcher registered as its CUDA
 kernel and the compiled CPU loops (numba) as its CPU kernel (the Triton
 kernels under ``TRITON_INTERPRET=1``), so ``torch.export`` sees one node per
 op on every device.
+
+Autograd modes: the kernels compute first-order reverse-mode gradients. Every
+other mode runs the op's differentiable eager composite (its fallback
+forward), through two helpers each op uses: ``register_autograd`` (its
+backward rule; double backward differentiates the composite) and ``call``
+(its public function; forward mode and torch.func run the composite).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 try:
     import triton
@@ -79,13 +86,85 @@ def define_op(name: str, kernels: Callable, compiled: Callable, fallback: Callab
 
 def saving_inputs(n_tensors: int) -> Callable:
     """The autograd ``setup_context`` of an op whose first ``n_tensors`` inputs are tensors
-    and whose last two are ``padding`` and ``deterministic``."""
+    and whose last two are ``padding`` and ``deterministic``: ctx.saved_tensors holds
+    the tensors, ctx.padding and ctx.deterministic the two, ctx.arguments all the rest."""
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:n_tensors])
+        ctx.arguments = tuple(inputs[n_tensors:])
         ctx.padding, ctx.deterministic = inputs[n_tensors:]
 
     return setup_context
+
+
+# Each op's differentiable eager composite, by op (see register_autograd).
+COMPOSITES: dict[torch.library.CustomOpDef, Callable] = {}
+
+
+def register_autograd(op: torch.library.CustomOpDef, backward: Callable, n_tensors: int, composite: Callable) -> None:
+    """Give ``op`` (tensors first, then ``padding`` and ``deterministic``) its autograd.
+
+    ``backward(ctx, *grads)`` is the first-order rule on the kernels: it
+    returns one gradient (or None) per input, with ctx set by
+    ``saving_inputs(n_tensors)``. ``composite`` is the op in eager,
+    differentiable PyTorch, with the op's arguments and results (its fallback
+    forward); autograd must give it the op's gradients at every order.
+
+    A backward that must itself be differentiable (``create_graph=True``:
+    grad mode is on inside it) differentiates ``composite`` instead, with
+    ``torch.autograd.grad(..., create_graph=True)``: the kernels' gradients
+    are not differentiable ops. ``call`` uses ``composite`` for forward mode
+    and torch.func.
+    """
+    COMPOSITES[op] = composite
+
+    def rule(ctx, *grads):
+        if torch.is_grad_enabled():
+            return _composite_backward(ctx, composite, grads)
+        return backward(ctx, *grads)
+
+    op.register_autograd(rule, setup_context=saving_inputs(n_tensors))
+
+
+def _composite_backward(ctx, composite: Callable, grads: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, ...]:
+    """The op's gradients through its composite, themselves differentiable (double backward)."""
+    tensors = ctx.saved_tensors
+    needs = ctx.needs_input_grad[: len(tensors)]
+    wrt = [t for t, need in zip(tensors, needs) if need]
+    outputs = composite(*tensors, *ctx.arguments)
+    outputs = tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
+    if any(o.requires_grad for o in outputs):
+        found = iter(torch.autograd.grad(outputs, wrt, grads, create_graph=True, allow_unused=True))
+    else:  # no output depends on an input (a source without pixels, say): all gradients are 0
+        found = iter([None] * len(wrt))
+    return (*(next(found) if need else None for need in needs), *(None for _ in ctx.arguments))
+
+
+def needs_composite(*tensors: torch.Tensor) -> bool:
+    """Whether a call must run the op's composite: the custom op cannot serve it.
+
+    The custom op's autograd is reverse mode through torch.autograd only. It
+    would pass forward-mode tangents (``torch.autograd.forward_ad``,
+    ``torch.func.jvp``, ``jacfwd``) through as zero without a word, and
+    torch.func's reverse transforms (``grad``, ``vjp``, ``jacrev``, ``hessian``)
+    cannot trace it. Under ``torch.compile`` the op stays one node.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    if any(fwAD.unpack_dual(t).tangent is not None for t in tensors):
+        return True
+    # A torch.func transform differentiates these tensors. torch has no public test for an active
+    # transform; this one backs torch.autograd.Function.apply (torch 2.0 to 2.13 at least).
+    functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and functorch_active()
+
+
+def call(op: torch.library.CustomOpDef, *args: Any) -> Any:
+    """``op(*args)``, or the op's composite (see register_autograd) where ``needs_composite``
+    says the custom op cannot serve the call: every public function calls its op through this."""
+    if needs_composite(*(a for a in args if isinstance(a, torch.Tensor))):
+        return COMPOSITES[op](*args)
+    return op(*args)
 
 
 def resolve_deterministic(deterministic: bool | None) -> bool:

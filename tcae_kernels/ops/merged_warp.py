@@ -15,6 +15,7 @@ from .. import fallback
 from ..checks import check_field, check_tensor, check_warp_args
 from .launch import (
     GradSrc,
+    call,
     compiled_cpu,
     define_op,
     empty_like_src,
@@ -22,8 +23,8 @@ from .launch import (
     needs_int64,
     or_empty,
     resolve_deterministic,
+    register_autograd,
     row_launches,
-    saving_inputs,
     triton,
 )
 
@@ -225,7 +226,7 @@ def _backward_rule(ctx, grad_out):
     return (grad_src if need_src else None, *grads, None, None)
 
 
-_merged_warp_op.register_autograd(_backward_rule, setup_context=saving_inputs(5))
+register_autograd(_merged_warp_op, _backward_rule, 5, fallback.merged_warp_forward)
 
 
 def merge_displacements(
@@ -274,4 +275,4 @@ def merged_warp(
     check_field("disp_b", disp_b, src, disp_a, 2)
     check_field("logit_a", logit_a, src, disp_a, 1)
     check_field("logit_b", logit_b, src, disp_a, 1)
-    return _merged_warp_op(src, disp_a, disp_b, logit_a, logit_b, padding, resolve_deterministic(deterministic))
+    return call(_merged_warp_op, src, disp_a, disp_b, logit_a, logit_b, padding, resolve_deterministic(deterministic))

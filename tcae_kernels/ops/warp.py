@@ -21,6 +21,7 @@ from .. import fallback
 from ..checks import check_warp_args
 from .launch import (
     GradSrc,
+    call,
     compiled_cpu,
     define_op,
     empty_like_src,
@@ -28,8 +29,8 @@ from .launch import (
     needs_int64,
     or_empty,
     resolve_deterministic,
+    register_autograd,
     row_launches,
-    saving_inputs,
     triton,
 )
 
@@ -169,7 +170,7 @@ def _backward_rule(ctx, grad_out):
     return (grad_src if need_src else None, grad_disp if need_disp else None, None, None)
 
 
-_warp_op.register_autograd(_backward_rule, setup_context=saving_inputs(2))
+register_autograd(_warp_op, _backward_rule, 2, fallback.warp_forward)
 
 
 def warp(
@@ -202,4 +203,4 @@ def warp(
     ``TRITON_INTERPRET=1`` and otherwise the PyTorch fallback.
     """
     padding = check_warp_args(src, disp, padding)
-    return _warp_op(src, disp, padding, resolve_deterministic(deterministic))
+    return call(_warp_op, src, disp, padding, resolve_deterministic(deterministic))

@@ -18,14 +18,15 @@ from ..checks import check_tensor, check_warp_args
 from .launch import (
     GradSrc,
     acc_dtype,
+    call,
     compiled_cpu,
     define_op,
     empty_like_src,
     needs_int64,
     or_empty,
     resolve_deterministic,
+    register_autograd,
     row_launches,
-    saving_inputs,
     triton,
 )
 
@@ -258,7 +259,7 @@ def _backward_rule(ctx, grad_loss):
     return (*(g if n else None for g, n in zip(grads, need)), None, None)
 
 
-_warp_l1_op.register_autograd(_backward_rule, setup_context=saving_inputs(3))
+register_autograd(_warp_l1_op, _backward_rule, 3, fallback.warp_l1_forward)
 
 
 def warp_l1(
@@ -294,5 +295,5 @@ def warp_l1(
         raise TypeError(f"target dtype must be {src.dtype} (src's dtype), got {target.dtype}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    loss = _warp_l1_op(src, disp, target, padding, resolve_deterministic(deterministic))
+    loss = call(_warp_l1_op, src, disp, target, padding, resolve_deterministic(deterministic))
     return loss.mean() if reduction == "mean" else loss
