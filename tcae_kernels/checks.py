@@ -6,6 +6,8 @@ import torch
 
 PADDINGS = ("zeros", "border")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# float32 holds every integer up to 2**24: past it a pixel's own coordinate rounds.
+MAX_FLOAT32_SIZE = 2**24
 
 
 def check_tensor(name: str, t: object) -> torch.Tensor:
@@ -55,6 +57,25 @@ def check_warp_args(src: object, disp: object, padding: object, disp_name: str =
         raise ValueError(f"{disp_name} must be on {src.device} (src's device), got {disp.device}")
     check_disp_dtype(src, disp, disp_name)
     return check_padding(padding)
+
+
+def check_position_range(src: torch.Tensor, disp: torch.Tensor, disp_name: str = "disp") -> None:
+    """Sizes whose positions float32 computes exactly: at most 2**24 pixels along each axis.
+
+    Sample positions are float32 unless src is float64. Past 2**24 pixels an
+    output pixel's coordinate, or a source position, rounds to an even integer
+    and the op would read the wrong pixel: refuse instead. (merged_warp computes
+    its positions in float64 and does not call this.)
+    """
+    if src.dtype == torch.float64:
+        return
+    for name, t in (("src", src), (disp_name, disp)):
+        if max(t.shape[2:]) > MAX_FLOAT32_SIZE:
+            raise ValueError(
+                f"{name} must be at most {MAX_FLOAT32_SIZE} (2**24) pixels along each axis with {src.dtype} src "
+                f"(positions are float32, exact only that far), got {t.shape[2]}×{t.shape[3]}; "
+                "float64 src and disp have no such limit"
+            )
 
 
 def check_field(name: str, t: object, src: torch.Tensor, like: torch.Tensor, channels: int) -> None:

@@ -23,8 +23,8 @@ from typing import NamedTuple
 
 import torch
 
-from .checks import check_warp_args
-from .ops.launch import acc_dtype, memory_format_of, or_empty
+from .checks import check_position_range, check_warp_args
+from .ops.launch import acc_dtype, memory_format_of, needs_composite, or_empty
 
 
 def _axis(coord: torch.Tensor, d: torch.Tensor, size: int, border: bool):
@@ -287,7 +287,12 @@ class _WarpTorch(torch.autograd.Function):
 def warp_torch(src: torch.Tensor, disp: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
     """:func:`tcae_kernels.warp` (x − δ, pixels) through this PyTorch fallback, on any device.
 
-    Its src gradient is a ``scatter_add_``: deterministic on CPU.
+    Its src gradient is a ``scatter_add_``: deterministic on CPU. Its backward
+    is made of differentiable ops (double backward works); forward mode and
+    torch.func differentiate the forward itself, as for the ops.
     """
     padding = check_warp_args(src, disp, padding)
+    check_position_range(src, disp)
+    if needs_composite(src, disp):
+        return warp_forward(src, disp, padding, True)
     return _WarpTorch.apply(src, disp, padding)

@@ -11,11 +11,13 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from tcae_kernels import merge_displacements, merged_warp, warp, warp_l1, warp_naive
+from tcae_kernels import merge_displacements, merged_warp, warp, warp_l1, warp_naive, warp_torch
 from tcae_kernels.ops import launch
 from tcae_kernels.testing import TOLERANCES, rel_err
 
 OPS = ["warp", "merged_warp", "warp_l1"]
+# warp_torch (the fallback as an autograd.Function) has no path: it is the fallback.
+ALL = OPS + ["warp_torch"]
 PADDINGS = ["zeros", "border"]
 # B, C, H_in, W_in, H, W: the output is not src's size.
 SHAPE = (2, 2, 4, 5, 3, 4)
@@ -27,8 +29,9 @@ def seeded(*key: object) -> torch.Generator:
 
 def op_and_reference(op: str, padding: str):
     """The op and its float64 reference, both as functions of the op's tensors only."""
-    if op == "warp":
-        return (lambda s, d: warp(s, d, padding)), (lambda s, d: warp_naive(s, d, padding))
+    if op in ("warp", "warp_torch"):
+        fn = warp if op == "warp" else warp_torch
+        return (lambda s, d: fn(s, d, padding)), (lambda s, d: warp_naive(s, d, padding))
     if op == "merged_warp":
         return (
             lambda s, da, db, la, lb: merged_warp(s, da, db, la, lb, padding),
@@ -53,7 +56,7 @@ def make_inputs(op: str, gen: torch.Generator, dtype: torch.dtype = torch.float6
         return (whole + frac).to(disp_dtype)
 
     src = torch.randn(b, c, h_in, w_in, generator=gen, dtype=torch.float64).to(dtype)
-    if op == "warp":
+    if op in ("warp", "warp_torch"):
         return [src, field(2)]
     if op == "merged_warp":
         logits = [torch.randn(b, 1, h, w, generator=gen, dtype=torch.float64).to(disp_dtype) for _ in range(2)]
@@ -95,7 +98,7 @@ def test_jvp_and_make_dual(op, padding, path):
 
 
 @pytest.mark.parametrize("padding", PADDINGS)
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", ALL)
 def test_torch_func_jacobians_grad_and_vjp(op, padding):
     """jacfwd and jacrev give the reference's Jacobian; grad and vjp its transpose times a vector."""
     gen = seeded("jac", op, padding)
@@ -139,12 +142,9 @@ def second_derivatives(first: tuple[torch.Tensor, ...], inputs: list[torch.Tenso
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
 
 
-@pytest.mark.parametrize("padding", PADDINGS)
-@pytest.mark.parametrize("op", OPS)
-def test_double_backward(op, padding, path):
-    """create_graph=True: the first-order gradients equal the kernels' (fast path), and their
-    own gradients pass gradgradcheck and match the reference's second derivatives."""
-    gen = seeded("gradgrad", op, padding, path)
+def check_double_backward(op: str, padding: str, gen: torch.Generator, gradgradcheck: bool) -> None:
+    """create_graph=True: the first-order gradients equal the fast path's, and their own
+    gradients match the reference's second derivatives (and pass gradgradcheck)."""
     fn, ref = op_and_reference(op, padding)
     inputs = [t.requires_grad_() for t in make_inputs(op, gen)]
     cotangent = torch.randn(fn(*inputs).shape, generator=gen, dtype=torch.float64)
@@ -159,8 +159,49 @@ def test_double_backward(op, padding, path):
     want = second_derivatives(torch.autograd.grad(ref(*leaves), leaves, cotangent, create_graph=True), leaves, weights)
     for g, w in zip(got, want):
         assert rel_err(g, w) <= TOLERANCES[torch.float64][1]
-    if path == "fallback":  # the forward is the only difference, and the interpreter is slow
+    if gradgradcheck:
         assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("op", OPS)
+def test_double_backward(op, padding, path):
+    # The forward is all that differs between the paths, and the interpreter is slow:
+    # gradgradcheck runs on the fallback path.
+    check_double_backward(op, padding, seeded("gradgrad", op, padding, path), gradgradcheck=path == "fallback")
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_warp_torch_double_backward(padding):
+    """warp_torch's backward (an autograd.Function's) is itself differentiable."""
+    check_double_backward("warp_torch", padding, seeded("gradgrad", "warp_torch", padding), gradgradcheck=True)
+
+
+@pytest.mark.parametrize("op", ALL)
+def test_second_derivatives_on_the_border(op):
+    """Positions exactly on the border ("border" padding), where δ gets no gradient along that
+    axis: nor do the first-order gradients along the other axis (the reference's convention)."""
+    gen = seeded("border", op)
+    fn, ref = op_and_reference(op, "border")
+    inputs = make_inputs(op, gen)
+    _, _, h_in, w_in, h, w = SHAPE
+    xs, ys = torch.arange(w, dtype=torch.float64), torch.arange(h, dtype=torch.float64)[:, None]
+    for field in (1, 2) if op == "merged_warp" else (1,):
+        d = inputs[field]
+        # Column 0 samples at x̂ = 0, the last column at x̂ = W_in − 1; row 0 at ŷ = H_in − 1.
+        d[:, 0, :, 0] = 0.0
+        d[:, 0, :, -1] = (xs[-1] - (w_in - 1)).item()
+        d[:, 1, 0, :] = (ys[0] - (h_in - 1)).item()
+    if op == "merged_warp":  # equal fields: the merged position is theirs exactly
+        inputs[2] = inputs[1].clone()
+    leaves = [t.requires_grad_() for t in inputs]
+    cotangent = torch.randn(fn(*leaves).shape, generator=gen, dtype=torch.float64)
+    weights = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in leaves]
+    got = second_derivatives(torch.autograd.grad(fn(*leaves), leaves, cotangent, create_graph=True), leaves, weights)
+    refs = [t.detach().clone().requires_grad_() for t in leaves]
+    want = second_derivatives(torch.autograd.grad(ref(*refs), refs, cotangent, create_graph=True), refs, weights)
+    for g, w_ in zip(got, want):
+        assert rel_err(g, w_) <= TOLERANCES[torch.float64][1]
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -1,4 +1,5 @@
-"""Sizes past 2**31 elements, and the kernels' 64-bit offset path."""
+"""Sizes past 2**31 elements, the kernels' 64-bit offset path, and 2**24 pixels along an axis
+(float32 positions; past it the ops refuse, see test_validation.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import importlib
 import pytest
 import torch
 
-from tcae_kernels import merged_warp, warp, warp_l1, warp_naive, warp_torch
+from tcae_kernels import cpu, merged_warp, warp, warp_l1, warp_naive, warp_torch
 
 from tcae_kernels.testing import rel_err
 SIDE = 46341  # SIDE**2 > 2**31
@@ -77,3 +78,27 @@ def test_needs_int64_switches_where_offsets_pass_2_31():
     # Few elements, far apart: offsets up to 2**31 (one neighbour's step of slack included).
     assert needs_int64(torch.empty(1, device="meta").as_strided((2, 2), (2**30, 1)))
     assert not needs_int64(torch.empty(1, device="meta").as_strided((2, 2), (2**20, 1)))
+
+
+def shifted_row(w: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random [1, 1, 1, w] row, δ sampling each pixel at x + 0.25, and the float64 result
+    (the last pixel's right neighbour is outside: zeros padding)."""
+    src = torch.rand(1, 1, 1, w, generator=torch.Generator().manual_seed(w)).to(dtype)
+    disp = torch.zeros(1, 2, 1, w, dtype=dtype)
+    disp[:, 0] = -0.25
+    s = src.double().flatten()
+    expected = 0.75 * s + 0.25 * torch.cat((s[1:], s.new_zeros(1)))
+    return src, disp, expected
+
+
+@pytest.mark.skipif(not cpu.available(), reason="numba is not installed")
+def test_positions_at_and_past_2_24_pixels():
+    """At 2**24 pixels, the largest size float32 positions allow, every pixel still samples its
+    own neighbours; merged_warp, whose positions are float64, is exact past it. (Compiled CPU
+    kernels only: the interpreted kernels would take minutes, the eager fallback gigabytes.)"""
+    src, disp, expected = shifted_row(2**24, torch.float32)
+    assert rel_err(cpu.warp(src, disp, "zeros").flatten(), expected) <= 1e-6
+    src, disp, expected = shifted_row(2**24 + 8, torch.float32)
+    logit = torch.zeros(1, 1, 1, 2**24 + 8)
+    merged = cpu.kernels_or_none().merged_warp_forward(src, disp, disp, logit, logit, "zeros")
+    assert rel_err(merged.flatten(), expected) <= 1e-6

@@ -65,6 +65,13 @@ OTHER_CASES = [
     ("warp_l1 target dtype", l1(target=z(2, 3, 4, 4, dtype=torch.float64)), TypeError, "target", "torch.float32", "torch.float64"),
     ("warp_l1 reduction", l1(reduction="sum"), ValueError, "reduction", "'none', 'mean'", "'sum'"),
     ("warp_l1 disp", l1(disp=z(2, 1, 4, 4)), ValueError, "disp", "2 channels", "(2, 1, 4, 4)"),
+    # Past 2**24 pixels float32 positions round (expanded tensors: nothing is allocated).
+    ("warp disp past 2**24", lambda: warp(z(1, 1, 4, 4), z(1, 2, 1, 1).expand(1, 2, 1, 2**24 + 1)),
+     ValueError, "disp", "at most 16777216", "1×16777217"),
+    ("warp_torch disp past 2**24", lambda: warp_torch(z(1, 1, 4, 4), z(1, 2, 1, 1).expand(1, 2, 2**24 + 1, 1)),
+     ValueError, "disp", "at most 16777216", "16777217×1"),
+    ("warp_l1 src past 2**24", l1(src=z(2, 3, 1, 1).expand(2, 3, 2**24 + 1, 2)),
+     ValueError, "src", "at most 16777216", "16777217×2"),
     ("DisplacementWarp padding", lambda: DisplacementWarp("mirror"), ValueError, "padding", "'zeros', 'border'", "'mirror'"),
     ("DisplacementWarp disp", lambda: DisplacementWarp()(z(1, 1, 4, 4), z(1, 1, 4, 4)), ValueError, "disp", "2 channels", "(1, 1, 4, 4)"),
     ("TCAEConfig image_size", lambda: TCAEConfig(image_size=100), ValueError, "image_size", "(64, 128, 256)", "100"),

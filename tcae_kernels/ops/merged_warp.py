@@ -269,7 +269,10 @@ def merged_warp(
 
     Returns [B, C, H, W] in src's dtype, with gradients for all five inputs.
     The four fields share one dtype (src's, or float32 beside half/bfloat16).
-    The merge is computed in float64 on every path.
+    The merge, and so every sample position, is computed in float64 on every
+    path: no size limit, unlike :func:`tcae_kernels.warp`'s 2**24 pixels.
+    Autograd modes and the implementation by device are those of
+    :func:`tcae_kernels.warp` (the composite: ``fallback.merged_warp_forward``).
     """
     padding = check_warp_args(src, disp_a, padding, disp_name="disp_a")
     check_field("disp_b", disp_b, src, disp_a, 2)

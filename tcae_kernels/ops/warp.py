@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .. import fallback
-from ..checks import check_warp_args
+from ..checks import check_position_range, check_warp_args
 from .launch import (
     GradSrc,
     call,
@@ -199,8 +199,23 @@ def warp(
         float32 (float64 for float64). A non-finite δ gives NaN at that pixel,
         in every channel and in its δ gradient.
 
-    CUDA tensors run the fused Triton kernels; CPU tensors run them under
-    ``TRITON_INTERPRET=1`` and otherwise the PyTorch fallback.
+    Raises ValueError past 2**24 pixels along any axis of src or disp unless
+    src is float64: positions are float32, whose integers are exact only up
+    to 2**24, and a pixel would be sampled one or more pixels off.
+
+    Autograd: first-order reverse mode runs the kernels. Forward mode
+    (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``), torch.func's
+    reverse transforms (``grad``, ``vjp``, ``jacrev``, ``hessian``) and double
+    backward (``create_graph=True``) run the eager PyTorch composite of the same
+    op (``fallback.warp_forward``), slower, with the same gradients; there
+    ``deterministic`` is torch's own (``torch.use_deterministic_algorithms``).
+
+    Implementation by device (:func:`tcae_kernels.implementation`): CUDA
+    tensors run the fused Triton kernels; CPU tensors run them under
+    ``TRITON_INTERPRET=1``, otherwise compiled CPU loops (numba), or the eager
+    PyTorch fallback when numba is not installed; other devices run the
+    fallback.
     """
     padding = check_warp_args(src, disp, padding)
+    check_position_range(src, disp)
     return call(_warp_op, src, disp, padding, resolve_deterministic(deterministic))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import fallback
-from ..checks import check_tensor, check_warp_args
+from ..checks import check_position_range, check_tensor, check_warp_args
 from .launch import (
     GradSrc,
     acc_dtype,
@@ -283,8 +283,12 @@ def warp_l1(
 
     Returns float32 (float64 for float64 inputs), with gradients for src,
     disp and target. An empty sample gives NaN, as ``torch.mean`` of nothing.
+    The size limit (2**24 pixels per axis unless src is float64), autograd
+    modes and implementation by device are those of :func:`tcae_kernels.warp`
+    (the composite: ``fallback.warp_l1_forward``).
     """
     padding = check_warp_args(src, disp, padding)
+    check_position_range(src, disp)
     check_tensor("target", target)
     expected = (src.shape[0], src.shape[1], disp.shape[2], disp.shape[3])
     if tuple(target.shape) != expected:
