@@ -1,7 +1,8 @@
 """Autograd beyond first-order reverse mode (issue #13): forward mode (torch.func.jvp, jacfwd,
 forward_ad.make_dual), torch.func's reverse transforms (jacrev, grad, vjp) and double backward
-(create_graph=True) of warp, merged_warp and warp_l1, against the float64 reference's autograd
-(warp_naive, reverse mode) and, for double backward, gradgradcheck's finite differences."""
+(create_graph=True) of warp, merged_warp and warp_l1 (and of warp_torch where it differs), against
+the float64 reference's autograd (warp_naive) and, for double backward, gradgradcheck's finite
+differences."""
 
 from __future__ import annotations
 
@@ -120,6 +121,21 @@ def test_torch_func_jacobians_grad_and_vjp(op, padding):
         assert rel_err(g.flatten(), w) <= tol and rel_err(v.flatten(), w) <= tol
 
 
+@pytest.mark.parametrize("op", OPS)
+def test_hessian(op):
+    """torch.func.hessian (jacfwd of jacrev) of a weighted sum gives the reference's Hessian."""
+    gen = seeded("hessian", op)
+    fn, ref = op_and_reference(op, "zeros")
+    inputs = make_inputs(op, gen)
+    weights = torch.randn(fn(*inputs).shape, generator=gen, dtype=torch.float64)
+    argnums = tuple(range(len(inputs)))
+    got = torch.func.hessian(lambda *a: (fn(*a) * weights).sum(), argnums=argnums)(*inputs)
+    want = torch.autograd.functional.hessian(lambda *a: (ref(*a) * weights).sum(), tuple(inputs))
+    for row_got, row_want in zip(got, want):
+        for g, w in zip(row_got, row_want):
+            assert rel_err(g, w) <= TOLERANCES[torch.float64][1]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("op", OPS)
 def test_jvp_low_precision(op, dtype):
@@ -142,9 +158,12 @@ def second_derivatives(first: tuple[torch.Tensor, ...], inputs: list[torch.Tenso
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
 
 
-def check_double_backward(op: str, padding: str, gen: torch.Generator, gradgradcheck: bool) -> None:
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("op", OPS)
+def test_double_backward(op, padding, path):
     """create_graph=True: the first-order gradients equal the fast path's, and their own
-    gradients match the reference's second derivatives (and pass gradgradcheck)."""
+    gradients match the reference's second derivatives and pass gradgradcheck."""
+    gen = seeded("gradgrad", op, padding, path)
     fn, ref = op_and_reference(op, padding)
     inputs = [t.requires_grad_() for t in make_inputs(op, gen)]
     cotangent = torch.randn(fn(*inputs).shape, generator=gen, dtype=torch.float64)
@@ -159,22 +178,10 @@ def check_double_backward(op: str, padding: str, gen: torch.Generator, gradgradc
     want = second_derivatives(torch.autograd.grad(ref(*leaves), leaves, cotangent, create_graph=True), leaves, weights)
     for g, w in zip(got, want):
         assert rel_err(g, w) <= TOLERANCES[torch.float64][1]
-    if gradgradcheck:
+    # The paths differ only in the forward, and the interpreter is slow: gradgradcheck's
+    # hundreds of calls run on the fallback path.
+    if path == "fallback":
         assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-7)
-
-
-@pytest.mark.parametrize("padding", PADDINGS)
-@pytest.mark.parametrize("op", OPS)
-def test_double_backward(op, padding, path):
-    # The forward is all that differs between the paths, and the interpreter is slow:
-    # gradgradcheck runs on the fallback path.
-    check_double_backward(op, padding, seeded("gradgrad", op, padding, path), gradgradcheck=path == "fallback")
-
-
-@pytest.mark.parametrize("padding", PADDINGS)
-def test_warp_torch_double_backward(padding):
-    """warp_torch's backward (an autograd.Function's) is itself differentiable."""
-    check_double_backward("warp_torch", padding, seeded("gradgrad", "warp_torch", padding), gradgradcheck=True)
 
 
 @pytest.mark.parametrize("op", ALL)
