@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from tcae_kernels import cpu, merged_warp, warp, warp_l1, warp_naive, warp_torch
-
+from tcae_kernels.checks import check_position_range
 from tcae_kernels.testing import rel_err
+
 SIDE = 46341  # SIDE**2 > 2**31
 
 
@@ -89,6 +90,15 @@ def shifted_row(w: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor,
     s = src.double().flatten()
     expected = 0.75 * s + 0.25 * torch.cat((s[1:], s.new_zeros(1)))
     return src, disp, expected
+
+
+def test_position_range_check_allows_2_24_pixels_and_float64():
+    """The size check refuses only what float32 positions cannot do (expanded tensors: nothing
+    is allocated); tests/test_validation.py has the refusals."""
+    at = torch.zeros(1, 2, 1, 1).expand(1, 2, 2**24, 2**24)
+    check_position_range(torch.zeros(1, 1, 1, 1).expand(1, 1, 2**24, 2**24), at)
+    past = torch.zeros(1, 2, 1, 1, dtype=torch.float64).expand(1, 2, 2**24 + 1, 1)
+    check_position_range(past[:, :1], past)
 
 
 @pytest.mark.skipif(not cpu.available(), reason="numba is not installed")

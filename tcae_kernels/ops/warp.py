@@ -28,8 +28,8 @@ from .launch import (
     grad_out_bound,
     needs_int64,
     or_empty,
-    resolve_deterministic,
     register_autograd,
+    resolve_deterministic,
     row_launches,
     triton,
 )

@@ -24,8 +24,8 @@ from .launch import (
     empty_like_src,
     needs_int64,
     or_empty,
-    resolve_deterministic,
     register_autograd,
+    resolve_deterministic,
     row_launches,
     triton,
 )
