@@ -158,7 +158,7 @@ def test_failed_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         save_checkpoint(path, {"step": 2, "weights": torch.zeros(10_000)})
     monkeypatch.undo()
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, keys=())
     assert state["step"] == 1 and torch.equal(state["weights"], torch.arange(4.0))
     assert list(tmp_path.iterdir()) == [path]
 
@@ -175,11 +175,11 @@ def test_kill_during_write_leaves_previous_checkpoint(tmp_path):
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True)
     assert result.returncode == -signal.SIGKILL
-    assert load_checkpoint(path)["step"] == 1
+    assert load_checkpoint(path, keys=())["step"] == 1
     stale = path.with_name("checkpoint.pt.tmp")
     assert stale.exists()  # the next save overwrites it
     save_checkpoint(path, {"step": 3})
-    assert load_checkpoint(path)["step"] == 3 and not stale.exists()
+    assert load_checkpoint(path, keys=())["step"] == 3 and not stale.exists()
 
 
 def test_non_finite_loss_stops_with_diagnostic(data, tmp_path, monkeypatch):
@@ -272,22 +272,22 @@ def test_config_from_file_and_flags(tmp_path):
     import argparse
 
     parser = argparse.ArgumentParser()
-    train_module.add_config_arguments(parser)
+    config_module.add_config_arguments(parser)
     toml = tmp_path / "run.toml"
     toml.write_text('data = "faces"\nimage_size = 128\noptimizer = "adam"\ncurriculum = false\n')
-    config = train_module.config_from_args(parser.parse_args(["--config", str(toml), "--image-size", "64"]))
+    config = config_module.config_from_args(parser.parse_args(["--config", str(toml), "--image-size", "64"]))
     assert (config.data, config.model.image_size, config.optimizer, config.curriculum) == ("faces", 64, "adam", False)
     assert (config.batch_size, config.lr, config.momentum) == (64, 1e-3, 0.9)  # SPEC defaults
     assert config.recipe == "faithful"
     # The model's fields nest; padding and in_channels are reachable from the command line.
-    config = train_module.config_from_args(parser.parse_args(["--padding", "zeros", "--in-channels", "1",
+    config = config_module.config_from_args(parser.parse_args(["--padding", "zeros", "--in-channels", "1",
                                                               "--recipe", "fast", "--lr", "5e-4"]))
     assert (config.model.padding, config.model.in_channels) == ("zeros", 1)
     assert (config.recipe, config.optimizer, config.lr) == ("fast", "adam", 5e-4)  # flags beat the recipe
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"image_size": 64, "learning_rate": 1}))
     with pytest.raises(ValueError, match="learning_rate"):
-        train_module.config_from_args(parser.parse_args(["--config", str(bad)]))
+        config_module.config_from_args(parser.parse_args(["--config", str(bad)]))
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig(optimizer="rmsprop")
 
