@@ -226,14 +226,12 @@ def _train(config: TrainConfig, resume: str | Path | None, d: Dist) -> tuple[TCA
     val_idx = evenly_spaced(len(val_set), config.val_batches * config.batch_size)
     val_loader = DataLoader(Subset(val_set, val_idx[d.rank :: d.world]), batch_size=config.batch_size // d.world,
                             num_workers=workers)
-    # Distinct unreadable frames met by this rank: the datasets' own (folder scan, panel samples) and those
-    # the items of each batch name (loaded in this process or a worker).
-    skipped: set[str] = set()
     panel_samples = []
     if d.main and config.panel_every > 0:
         panel_samples = [val_set[i] for i in evenly_spaced(len(val_set), config.panel_samples)]
-        for sample in panel_samples:
-            note_skipped(skipped, {"skipped": [sample["skipped"]]})
+    # Distinct unreadable frames met by this rank: those this process found (scanning the folders, loading
+    # the panel's pairs), then those the items of each batch name (loaded here or in a worker process).
+    skipped = {str(path) for dataset in (train_set, val_set) for path in dataset.skipped_paths}
 
     if d.world > 1 and d.device.type == "cuda" and config.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
