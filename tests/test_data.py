@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+import tcae.frames as frames_module
 import tcae.videos as videos
 from tcae.errors import DataError
 from tcae.frames import FramePairDataset, image_size, list_identities, load_image, split_identities
@@ -283,13 +284,12 @@ def test_frames_above_the_pixel_limit_are_refused_before_decoding(synthetic_root
     huge.write_bytes(_png_header(16000, 16000) + b"\0" * 100)
     assert image_size(huge) == (16000, 16000)
     decoded = []
-    ds = FramePairDataset(root, size=32, pairs_per_identity=60, seed=0)
-    real_decode = ds._decode
-    ds._decode = lambda path: decoded.append(path) or real_decode(path)
+    real_decoder = frames_module._decoder()
+    monkeypatch.setattr(frames_module, "_decoder", lambda: lambda path: decoded.append(path) or real_decoder(path))
     with pytest.warns(RuntimeWarning, match=r"000003.png: 16000 × 16000 pixels, more than the limit of 16777216"):
-        for i in range(len(ds)):
-            ds[i]
-    assert huge not in decoded and huge in ds.skipped_paths and ds.skipped_frames == 1
+        ds = FramePairDataset(root, size=32, verify=True)  # every frame read once
+    assert huge not in decoded and len(decoded) == 3 * 2 * 2 * 8 - 1
+    assert ds.skipped_paths == [huge] and len(ds.tracks[0].frames) == 7
     with pytest.raises(DataError, match="16000 × 16000 pixels"):
         load_image(huge, 32)
     # The limit is a setting: 32 × 32 frames above a limit of 1000 pixels are all refused.

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import tcae.probe as probe_module
 from tcae.labels import LabelledFrames
 from tcae.model import TCAE, TCAEConfig
 from tcae.probe import (EMBEDDINGS, NonFiniteModelError, best_thresholds, f1_scores, fit_detector, format_report, probe, probe_checkpoint,
@@ -112,6 +113,27 @@ def test_probe_reports_f1_and_r2_in_range(data):
     assert report["skipped_frames"] == 0
     text = format_report(report)
     assert "AU26" in text and "pose R²" in text and "yaw" in text and "skipped" not in text
+
+
+def test_probe_regresses_pose_from_an_embedding_that_holds_it(tmp_path, monkeypatch):
+    # 9 training identities: with the 3 of the shared fixture, the penalty chosen on held-out identities is the
+    # largest, and R² is far below 0 even from this embedding.
+    data = tmp_path / "data"
+    generate_dataset(data, SyntheticConfig(identities=12, videos_per_identity=1, frames_per_video=10, size=16))
+    real = probe_module.embed_frames
+
+    def pose_in_pose_embedding(model, frames, **kwargs):
+        found = real(model, frames, **kwargs)
+        noise = torch.randn(len(found["identity"]), 8, generator=torch.Generator().manual_seed(0)) * 0.01
+        found["pose_embedding"] = torch.cat([found["pose"], noise], 1)
+        return found
+
+    monkeypatch.setattr(probe_module, "embed_frames", pose_in_pose_embedding)
+    torch.manual_seed(0)
+    model = TCAE(TCAEConfig(image_size=64, width=0.125, embed_dim=8, backend="grid_sample"))
+    report = probe(model, data, held_out=0.25, seed=0, epochs=1)
+    assert report["pose_r2"]["pose_embedding"]["mean"] > 0.99  # the pose, read back from the embedding
+    assert report["pose_r2"]["au_embedding"]["mean"] < 0.5  # a random encoder's embedding does not hold it
 
 
 def test_probe_refuses_a_model_with_nan_weights(data, tmp_path):
