@@ -478,7 +478,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_one(data, tmp_path, mo
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 2
 
 
-def test_unreadable_frames_are_counted_across_loader_workers(data, tmp_path):
+def test_unreadable_frames_are_counted_across_loader_workers(data, tmp_path, capsys):
     root = tmp_path / "data"
     shutil.copytree(data, root)
     for frame in (root / "id0000" / "vid00" / "track0").glob("*.png"):  # all 6: the first pair finds them all
@@ -493,6 +493,8 @@ def test_unreadable_frames_are_counted_across_loader_workers(data, tmp_path):
     assert summary["skipped_frames"] == 6 + 2
     logged = [r["skipped_frames"] for r in metrics(out) if "recon" in r]
     assert logged[-1] == 6 + 2 and logged == sorted(logged)
+    last = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")][-1]
+    assert last.startswith("step 3/3 ") and "| 8 unreadable frames skipped" in last
 
 
 def test_every_frame_unreadable_is_one_clear_error(data, tmp_path):
