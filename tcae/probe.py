@@ -48,7 +48,7 @@ def _check_finite(model: TCAE, embeddings: dict[str, torch.Tensor], n_frames: in
            if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise NonFiniteModelError(f"the model has non-finite (NaN or inf) weights in {len(bad)} tensors, first "
-                                  f"{bad[:3]}: its training diverged; probe an earlier checkpoint")
+                                  f"{bad[:3]} (a diverged run?); probe an earlier checkpoint")
     for kind in EMBEDDINGS:
         rows = int((~torch.isfinite(embeddings[kind])).any(1).sum())
         if rows:

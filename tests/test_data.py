@@ -293,16 +293,16 @@ def test_frames_above_the_pixel_limit_are_refused_before_decoding(synthetic_root
     with pytest.raises(DataError, match="16000 × 16000 pixels"):
         load_image(huge, 32)
     # The limit is a setting: 32 × 32 frames above a limit of 1000 pixels are all refused.
-    with pytest.warns(RuntimeWarning, match="32 × 32 pixels, more than the limit of 1000"):
-        with pytest.raises(DataError, match="no track .* has two readable frames"):
-            FramePairDataset(root, size=32, max_pixels=1000, verify=True)
+    with pytest.warns(RuntimeWarning, match="32 × 32 pixels, more than the limit of 1000"), \
+            pytest.raises(DataError, match="no track .* has two readable frames"):
+        FramePairDataset(root, size=32, max_pixels=1000, verify=True)
 
 
 def test_image_size_reads_png_and_jpeg_headers(tmp_path):
     cv2 = pytest.importorskip("cv2")
     image = np.zeros((30, 50, 3), np.uint8)
     write_png(tmp_path / "a.png", image)
-    ok, jpeg = cv2.imencode(".jpg", image)
+    _, jpeg = cv2.imencode(".jpg", image)
     (tmp_path / "a.jpg").write_bytes(jpeg.tobytes())
     assert image_size(tmp_path / "a.png") == image_size(tmp_path / "a.jpg") == (50, 30)
     (tmp_path / "x.png").write_bytes(b"not an image")

@@ -11,8 +11,8 @@ import torch
 import tcae.probe as probe_module
 from tcae.labels import LabelledFrames
 from tcae.model import TCAE, TCAEConfig
-from tcae.probe import (EMBEDDINGS, NonFiniteModelError, best_thresholds, f1_scores, fit_detector, format_report, probe, probe_checkpoint,
-                        ridge_r2, select_alpha)
+from tcae.probe import (EMBEDDINGS, NonFiniteModelError, best_thresholds, f1_scores, fit_detector, format_report,
+                        probe, probe_checkpoint, ridge_r2, select_alpha)
 from tcae.synthetic import AU_NAMES, POSE_NAMES, SyntheticConfig, generate_dataset
 from tcae.config import TrainConfig
 from tcae.train import train

@@ -406,9 +406,8 @@ def test_a_run_folder_has_one_writer(data, tmp_path):
     from tcae.rundir import LOCK_NAME, RunLock, RunLockedError
 
     out = tmp_path / "run"
-    with RunLock(out):
-        with pytest.raises(RunLockedError, match=f"in use by another run \\(PID {os.getpid()}\\)"):
-            train(tiny(data, out, steps=1))
+    with RunLock(out), pytest.raises(RunLockedError, match=f"in use by another run \\(PID {os.getpid()}\\)"):
+        train(tiny(data, out, steps=1))
     assert not (out / "metrics.jsonl").exists()
     # A lock left by a process that died (its PID, no flock held) is taken over with a warning.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
