@@ -6,13 +6,19 @@
 Both sides are timed forward+backward, with the gradients of every input but
 src (TCAE detaches src). Before timing, the fused op's gradients are checked
 against the unfused sequence run in float64; a mismatch aborts.
+
+The table goes to stdout; a progress line per case (what runs, the time so
+far) goes to stderr: on a CPU the default shape takes minutes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from pathlib import Path
+
 import torch
 
 from tcae_kernels import merge_displacements, merged_warp, warp, warp_l1
@@ -68,13 +74,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     timer = Timer(device, warmup_ms=args.rep_ms / 2, rep_ms=args.rep_ms)
     rows = []
+    shapes = [parse_shape(s) for s in args.shapes]
+    cases, start = len(shapes) * len(args.dtypes) * len(LEAVES), time.perf_counter()
+    print(f"bench.fused: {cases} cases on {device}, each checked against float64, then timed",
+          file=sys.stderr, flush=True)
     print("| op | shape | dtype | fused µs | unfused µs | speed-up | fused error | unfused error |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for label, shape in (parse_shape(s) for s in args.shapes):
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |", flush=True)
+    for label, shape in shapes:
         for dtype_name in args.dtypes:
             src, disp, _ = make_inputs(shape, DTYPES[dtype_name], "nchw", "smooth", device)
             x = _problem(src, disp)
             for op in LEAVES:
+                print(f"[{len(rows) + 1}/{cases}] {op} {label} {dtype_name}: checking and timing "
+                      f"({time.perf_counter() - start:.0f} s so far)", file=sys.stderr, flush=True)
                 # The gate: both sides against the unfused sequence in float64.
                 ref = _grads(op, False, {k: v.double() for k, v in x.items()}, args.padding)
                 fused_err = _error(_grads(op, True, x, args.padding), ref)
@@ -87,7 +99,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
                 rows.append(dict(op=op, shape=label, dtype=dtype_name, fused_us=fused_us, unfused_us=unfused_us,
                                  speedup=unfused_us / fused_us, fused_error=fused_err, unfused_error=unfused_err))
                 print(f"| {op} | {label} | {dtype_name} | {fused_us:.0f} | {unfused_us:.0f} | "
-                      f"{unfused_us / fused_us:.2f}× | {fused_err:.1e} | {unfused_err:.1e} |")
+                      f"{unfused_us / fused_us:.2f}× | {fused_err:.1e} | {unfused_err:.1e} |", flush=True)
+    print(f"bench.fused: done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"machine": machine_info(device), "rows": rows}, indent=1))

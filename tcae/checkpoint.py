@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 import random
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import CHECKPOINT_NAME
+from .errors import TCAEError
 from .model import TCAE, TCAEConfig
 
 MAGIC = b"TCAE-CKPT-1\n"
@@ -40,8 +43,14 @@ _DIGEST_LEN = 64  # sha256 in hex
 SHAPE_FIELDS = ("model.image_size", "model.in_channels", "model.width", "model.embed_dim", "optimizer")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: damaged, not a checkpoint, or from an incompatible config."""
+# What each use of a checkpoint reads from it.
+MODEL_KEYS = ("config", "model")
+TRAINING_KEYS = (*MODEL_KEYS, "step", "epoch", "consumed", "optimizer", "scheduler", "curriculum", "rng")
+
+
+class CheckpointError(TCAEError, RuntimeError):
+    """A checkpoint that cannot be used: damaged, not a checkpoint, incomplete, from an incompatible config,
+    or one that could not be written."""
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -82,14 +91,23 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read and verify a checkpoint written by :func:`save_checkpoint`.
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    keys: tuple[str, ...] = MODEL_KEYS) -> dict:
+    """Read and verify a checkpoint written by :func:`save_checkpoint`, which must hold ``keys``
+    (:data:`MODEL_KEYS`, or :data:`TRAINING_KEYS` to resume training).
 
     Raises ``FileNotFoundError`` if it is missing and :class:`CheckpointError`
-    if it is not a TCAE checkpoint or its checksum does not match (truncated
-    or damaged file).
+    if it is a folder, not a TCAE checkpoint, corrupt (truncated or damaged,
+    found by its checksum), holds Python objects other than tensors and plain
+    values, or lacks one of ``keys``.
     """
     path = Path(path)
+    if path.is_dir():
+        inside = path / CHECKPOINT_NAME
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file"
+                              + (f"; its checkpoint is {inside}" if inside.is_file() else ""))
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
     data = path.read_bytes()
     header = len(MAGIC) + _DIGEST_LEN + 1
     if not data.startswith(MAGIC):
@@ -104,7 +122,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path} is corrupt: sha256 of its {len(payload)} payload bytes is {actual[:12]}…, "
             f"the header says {expected[:12]}… (truncated or damaged file; use an earlier checkpoint)"
         )
-    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message advises loading with full pickle, which would run whatever code the file names.
+        raise CheckpointError(f"{path} holds Python objects other than tensors and plain values; they are not "
+                              "loaded, since unpickling them could run code. Only files tcae train writes "
+                              "load") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a TCAE checkpoint: it holds a {type(state).__name__}, not a dict")
+    missing = [k for k in keys if k not in state]
+    if not missing and "config" in keys and not isinstance(state["config"].get("model"), dict):
+        missing = ["config['model']"]
+    if missing:
+        raise CheckpointError(f"{path} is not a complete TCAE checkpoint: it lacks {', '.join(missing)}")
+    return state
 
 
 def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], path: str | Path = "checkpoint") -> None:
@@ -125,13 +157,26 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], path:
         )
 
 
+def load_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """``model.load_state_dict(weights)``, or :class:`CheckpointError` naming what does not fit."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # missing, unexpected or wrongly shaped tensors
+        details = " ".join(str(e).split())
+        raise CheckpointError(f"{path}: its weights do not fit the model its config describes: "
+                              f"{details[:300]}{'…' if len(details) > 300 else ''}") from None
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[TCAE, dict]:
     """The TCAE a training checkpoint holds, rebuilt from the model config stored beside its weights
     (eval mode), and the run's config as a dict."""
     state = load_checkpoint(path)
     config = state["config"]
-    model = TCAE(TCAEConfig(**config["model"]))
-    model.load_state_dict(state["model"])
+    try:
+        model = TCAE(TCAEConfig(**config["model"]))
+    except TypeError as e:  # a setting this version does not know
+        raise CheckpointError(f"{path}: its model settings do not fit this version of tcae: {e}") from None
+    load_weights(model, state["model"], path)
     return model.to(device).eval(), config
 
 

@@ -4,6 +4,10 @@
     tcae check-learning [--out DIR]              shows the TCAE learning, each number beside its baseline
     tcae train [--config FILE] [--resume [CKPT]] [--data ROOT --image-size 64 ...]
     torchrun --nproc_per_node N -m tcae.cli train ...           the same, DistributedDataParallel
+
+A problem the user can fix (a setting out of range, a damaged checkpoint,
+unreadable data, a run folder in use) ends the command with one line,
+``error: <message>``, and exit status 1; warnings are one line each too.
     tcae probe CKPT [--data ROOT] [--json FILE]  AU F1 (and pose R²) from frozen embeddings
     tcae prepare VIDEO... OUT [--size 256]       face-crop tracks from video files
     tcae synth OUT [--identities 8 ...]          a synthetic labelled data set
@@ -18,12 +22,13 @@ import io
 import json
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import train as train_module
-from .checkpoint import CheckpointError
 from .config import RECIPES, TrainConfig, add_config_arguments
+from .errors import TCAEError
 from .learning import LearningCheck
 
 
@@ -202,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: chosen from the cores)")
     p.set_defaults(run=cmd_check_learning)
 
-    p = sub.add_parser("train", help="train the TCAE (also: torchrun -m tcae.train)")
+    p = sub.add_parser("train", help="train the TCAE; on several devices: torchrun --nproc_per_node N -m tcae.cli "
+                                     "train ...")
     add_config_arguments(p)
     p.set_defaults(run=train_module.train_from_args)
 
@@ -212,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--held-out", type=float, help="identity fraction to test on (default: the checkpoint's)")
     p.add_argument("--seed", type=int, help="split seed (default: the checkpoint's)")
     p.add_argument("--epochs", type=int, default=30, help="detector epochs (default %(default)s)")
-    p.add_argument("--device", default="cpu", help="(default %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
     p.set_defaults(run=cmd_probe)
 
@@ -237,16 +243,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors that say what is wrong in their message: printed as one line. FileNotFoundError and
+# NotADirectoryError come from paths the user gave, ValueError from arguments checked where they are
+# used; FloatingPointError is a non-finite loss, diagnosed.
+USER_ERRORS = (TCAEError, FileNotFoundError, NotADirectoryError, ValueError, FloatingPointError)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # Without the source line Python's default format echoes: users did not write it.
+    print(f"warning: {message}", file=sys.stderr if file is None else file, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (CheckpointError, FloatingPointError, FileNotFoundError, NotADirectoryError, ValueError) as e:
-        print(f"tcae {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        try:
+            return args.run(args)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        except USER_ERRORS as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

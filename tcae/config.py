@@ -21,9 +21,12 @@ from typing import Any
 
 import torch
 
+from .errors import ConfigError, check_range, check_types
 from .model import TCAEConfig
 
 CHECKPOINT_NAME = "checkpoint.pt"
+MAX_THREADS = 1024  # torch.set_num_threads(100_000) crashes the process
+MAX_WORKERS = 256
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -83,13 +86,20 @@ class TrainConfig:
     out: str = _opt("runs/tcae", "output folder")
     seed: int = _opt(0, "seeds the model, the pairs and the split")
     device: str = _opt("auto", "auto (CUDA if available), cpu, cuda")
-    threads: int = _opt(0, "CPU intra-op threads (0 = chosen from the cores and loader workers)")
+    threads: int = _opt(0, f"CPU intra-op threads (0 = chosen from the cores and loader workers), "
+                           f"at most {MAX_THREADS}")
+    max_frame_pixels: int = _opt(4096 * 4096, "larger frames (width × height, read from the file's header before "
+                                              "decoding) are skipped as unreadable")
 
     def __post_init__(self) -> None:
+        """Checks every setting's type and range (the flags, config files and checkpoints all come here)."""
         if isinstance(self.model, dict):  # from asdict(), a checkpoint or a config file
             self.model = TCAEConfig(**self.model)
+        if not isinstance(self.model, TCAEConfig):
+            raise ConfigError(f"model must be a TCAEConfig or a table of its settings, got {self.model!r}")
+        check_types(self, skip=("model",))
         if self.recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {tuple(RECIPES)}, got {self.recipe!r}")
+            raise ConfigError(f"recipe must be one of {tuple(RECIPES)}, got {self.recipe!r}")
         choices = {
             "optimizer": ("sgd", "adam"),
             "schedule": ("none", "cosine"),
@@ -98,25 +108,33 @@ class TrainConfig:
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("pairs_per_identity", "batch_size", "steps", "val_batches", "panel_samples", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_offset", "warmup_steps", "ckpt_every", "panel_every", "threads", "patience",
-                     "lr_patience"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("pairs_per_identity", "batch_size", "steps", "val_batches", "panel_samples", "log_every",
+                     "max_frame_pixels"):
+            check_range(name, getattr(self, name), 1)
+        for name in ("max_offset", "warmup_steps", "ckpt_every", "panel_every", "patience", "lr_patience", "seed"):
+            check_range(name, getattr(self, name), 0)
         for name in ("num_workers", "val_every"):
-            if getattr(self, name) < -1:
-                raise ValueError(f"{name} must be -1 or more, got {getattr(self, name)}")
-        if not 0.0 <= self.held_out < 1.0:
-            raise ValueError(f"held_out must be in [0, 1), got {self.held_out}")
+            check_range(name, getattr(self, name), -1)
+        check_range("num_workers", self.num_workers, hi=MAX_WORKERS)
+        check_range("threads", self.threads, 0, MAX_THREADS, meaning="0 = chosen from the cores")
+        check_range("held_out", self.held_out, 0.0, 1.0, hi_open=True)
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr!r}")
+        check_range("momentum", self.momentum, 0.0, 1.0, hi_open=True, meaning="SGD momentum or Adam's beta1")
+        check_range("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0, meaning="the cosine's final fraction of lr")
+        check_range("grad_clip", self.grad_clip, 0.0, meaning="0 = no clipping")
+        check_range("weight_decay", self.weight_decay, 0.0)
+        check_range("sparsity_weight", self.sparsity_weight, 0.0)
+        for name in ("data", "out"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} must name a folder, got an empty string")
 
     @classmethod
     def from_recipe(cls, recipe: str = "faithful", **changes: Any) -> TrainConfig:
         """The recipe's settings with ``changes`` on top."""
-        if recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {tuple(RECIPES)}, got {recipe!r}")
+        if not isinstance(recipe, str) or recipe not in RECIPES:
+            raise ConfigError(f"recipe must be one of {tuple(RECIPES)}, got {recipe!r}")
         return cls(**{**RECIPES[recipe], **changes, "recipe": recipe})
 
     def as_dict(self) -> dict:
@@ -178,14 +196,19 @@ def load_config_file(path: str | Path) -> dict:
         try:
             import tomllib
         except ImportError as e:  # Python 3.10
-            raise RuntimeError(f"reading {path} needs Python 3.11+ (tomllib); use a .json config") from e
-        values = tomllib.loads(path.read_text())
-    else:
-        values = json.loads(path.read_text())
+            raise ConfigError(f"reading {path} needs Python 3.11+ (tomllib); use a .json config") from e
+    try:
+        text = path.read_text(encoding="utf-8")
+        values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except ValueError as e:  # JSONDecodeError, TOMLDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(f"config file {path} cannot be read: {e}") from None
+    if not isinstance(values, dict) or not isinstance(values.get("model", {}), dict):
+        raise ConfigError(f"config file {path} must hold a table of settings (with the model's flat or in a "
+                          f"table 'model'), got {type(values).__name__}")
     try:
         return nest(values)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _add_flags(parser: argparse.ArgumentParser, fields: tuple[dataclasses.Field, ...], helps: dict[str, str]) -> None:
@@ -231,8 +254,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         saved = load_checkpoint(resume_path(args.resume, given.get("out", TrainConfig.out)))["config"]
         given = {**saved, **given, "model": {**saved["model"], **given["model"]}}
     recipe = given.pop("recipe", "faithful")
-    if recipe not in RECIPES:
-        raise ValueError(f"recipe must be one of {tuple(RECIPES)}, got {recipe!r}")
     return TrainConfig.from_recipe(recipe, **given)
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import ConfigError
+
 
 @dataclass
 class Dist:
@@ -27,10 +29,35 @@ class Dist:
             dist.all_reduce(t)
         return t
 
+    def union(self, items: set[str]) -> set[str]:
+        """The union of every rank's ``items`` (a collective: all ranks call it together)."""
+        if self.world == 1:
+            return items
+        gathered: list[set[str] | None] = [None] * self.world
+        dist.all_gather_object(gathered, items)
+        return set().union(*gathered)
+
+
+def check_device(requested: str | torch.device) -> torch.device:
+    """``requested`` as a device ("auto": CUDA when available), or :class:`~tcae.errors.ConfigError` when it is
+    not one or this machine lacks it."""
+    if str(requested) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {requested!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ConfigError(f"device {requested} asked for, but {why}; use --device cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {requested} asked for, but only {torch.cuda.device_count()} GPUs are visible")
+    return device
+
 
 def setup(requested: str) -> Dist:
     """The device (``requested``: auto, cpu or cuda) and, under torchrun (WORLD_SIZE > 1), the process group."""
-    cuda = requested == "cuda" or (requested == "auto" and torch.cuda.is_available())
+    cuda = check_device(requested).type == "cuda"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist(0, 1, torch.device("cuda" if cuda else "cpu"), False)

@@ -16,13 +16,19 @@ to a square (faces are not stretched), then resized with an antialiased
 bilinear filter.
 
 Frames are decoded with OpenCV when it is installed, else Pillow. A frame that
-cannot be decoded is skipped with a warning, counted (``skipped_frames``) and
-replaced by another frame of the same track; it never stops an epoch. With
-``DataLoader(num_workers > 0)`` each worker process counts its own skips.
+cannot be decoded, or whose header gives more than ``max_pixels`` pixels
+(checked before decoding: a small PNG can hold a huge image), is skipped with a
+warning, counted (``skipped_frames``) and replaced by another frame of the
+same track; it never stops an epoch. So are entries named like frames that
+are not files (folders, broken links), found when the folders are scanned.
+Each item names the frames first found unreadable while loading it
+(``skipped``, paths joined by newlines), so that the process iterating a
+``DataLoader`` can count the skips of its worker processes too.
 """
 
 from __future__ import annotations
 
+import struct
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,9 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-__all__ = ["IMAGE_EXTENSIONS", "FramePairDataset", "list_identities", "split_identities", "load_image"]
+from .errors import DataError
+
+__all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "FramePairDataset", "list_identities", "split_identities", "load_image",
+           "image_size"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+MAX_PIXELS = 4096 * 4096
+"""Default largest frame, width × height. Issue #13: a 0.75 MB PNG of 16000 × 16000 took 17 s and 4 GB to decode."""
 _LAYOUT = "root/<identity>/<video>/<track>/<frame>.png|jpg"
 
 
@@ -88,6 +99,54 @@ def _decoder() -> Callable[[Path], np.ndarray | None]:
     return _decode_pil
 
 
+def _jpeg_size(f) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header (SOFn marker), reading markers from after SOI."""
+    f.seek(2)
+    while True:
+        byte = f.read(1)
+        while byte and byte != b"\xff":
+            byte = f.read(1)
+        while byte == b"\xff":
+            byte = f.read(1)
+        if not byte:
+            return None
+        marker = byte[0]
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            continue
+        length = f.read(2)
+        if len(length) < 2 or marker == 0xDA:  # start of scan: no frame header came before it
+            return None
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            fields = f.read(5)
+            return None if len(fields) < 5 else struct.unpack(">HH", fields[1:5])[::-1]
+        f.seek(int.from_bytes(length, "big") - 2, 1)
+
+
+def image_size(path: str | Path) -> tuple[int, int] | None:
+    """(width, height) in pixels from a PNG's IHDR or a JPEG's frame header, without decoding; None when
+    the header is not one of those (the decoder then decides)."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+        if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+            return struct.unpack(">II", head[16:24])
+        if head[:2] == b"\xff\xd8":
+            return _jpeg_size(f)
+    return None
+
+
+def _read_frame(path: Path, decode: Callable[[Path], np.ndarray | None], max_pixels: int) -> np.ndarray | str:
+    """The frame's ``[H, W, 3]`` uint8 RGB, or why it was not read (to follow "skipping ")."""
+    try:
+        size = image_size(path)
+    except OSError as e:
+        return f"unreadable frame {path} ({e.strerror or e})"
+    if size is not None and size[0] * size[1] > max_pixels:
+        return (f"frame {path}: {size[0]} × {size[1]} pixels, more than the limit of {max_pixels} "
+                "(max_frame_pixels)")
+    img = decode(path)
+    return f"unreadable frame {path}" if img is None else img
+
+
 # SPEC section 6's augmentation, in pixels of a 256-px frame: the central 224
 # (resize to 256, pad by 24, centre-crop 224), then a random c × c crop of it.
 JITTER_FRAME = 256
@@ -122,14 +181,14 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
-def load_image(path: str | Path, size: int) -> torch.Tensor:
+def load_image(path: str | Path, size: int, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """Read one frame as ``[3, size, size]`` float32 in [0, 1] (no jitter).
 
-    Raises ``ValueError`` when the file cannot be decoded.
+    Raises :class:`~tcae.errors.DataError` when the file cannot be decoded or has more than ``max_pixels``.
     """
-    img = _decoder()(Path(path))
-    if img is None:
-        raise ValueError(f"cannot decode image {path}")
+    img = _read_frame(Path(path), _decoder(), max_pixels)
+    if isinstance(img, str):
+        raise DataError(f"cannot read {img}")
     return _to_tensor(img, size)
 
 
@@ -167,7 +226,9 @@ def list_identities(root: str | Path) -> list[str]:
     return [p.name for p in _subdirs(_check_root(root))]
 
 
-def _scan_tracks(root: str | Path, identities: Sequence[str] | None) -> list[_Track]:
+def _scan_tracks(root: str | Path, identities: Sequence[str] | None,
+                 skipped: _SkipCounter) -> list[_Track]:
+    """The tracks with frames; entries named like frames that are not files go to ``skipped``."""
     root = _check_root(root)
     available = list_identities(root)
     if identities is None:
@@ -175,35 +236,51 @@ def _scan_tracks(root: str | Path, identities: Sequence[str] | None) -> list[_Tr
     else:
         missing = sorted(set(identities) - set(available))
         if missing:
-            raise ValueError(f"identities {missing} not found under {root}")
+            raise DataError(f"identities {missing} not found under {root}")
         chosen = sorted(set(identities))
     tracks = []
     for identity in chosen:
         for video in _subdirs(root / identity):
             for track in _subdirs(video):
-                frames = sorted(p for p in track.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+                frames = []
+                for p in sorted(track.iterdir()):
+                    if p.suffix.lower() not in IMAGE_EXTENSIONS:
+                        continue
+                    if p.is_file():
+                        frames.append(p)
+                    else:
+                        what = "a broken link" if p.is_symlink() and not p.exists() else "not a file"
+                        skipped.add(p, f"{p}: named like a frame but {what}")
                 if frames:
                     tracks.append(_Track(identity, video.name, track.name, track, frames))
     if not tracks:
-        raise ValueError(f"no frames found under {root}: expected {_LAYOUT}")
+        raise DataError(f"no frames found under {root}: expected {_LAYOUT}")
     return tracks
 
 
 class _SkipCounter:
-    """Frames found undecodable in this process; each warns once."""
+    """Frames found unreadable in this process; each warns once. :meth:`take_new` hands over the paths
+    found since its last call, for the item being loaded."""
 
     def __init__(self) -> None:
         self.paths: list[Path] = []
         self._seen: set[Path] = set()
+        self._new: list[Path] = []
 
     def __contains__(self, path: Path) -> bool:
         return path in self._seen
 
-    def add(self, path: Path) -> None:
+    def add(self, path: Path, why: str | None = None) -> None:
+        """Count ``path``; ``why`` completes the warning "skipping …" (default: "unreadable frame PATH")."""
         if path not in self._seen:
             self._seen.add(path)
             self.paths.append(path)
-            warnings.warn(f"skipping unreadable frame {path}", RuntimeWarning, stacklevel=3)
+            self._new.append(path)
+            warnings.warn(f"skipping {why or f'unreadable frame {path}'}", RuntimeWarning, stacklevel=3)
+
+    def take_new(self) -> str:
+        new, self._new = self._new, []
+        return "\n".join(map(str, new))
 
 
 def split_identities(
@@ -216,7 +293,7 @@ def split_identities(
     """
     ids = sorted(set(identities))
     if len(ids) < 2:
-        raise ValueError(f"need at least two identities to split, got {ids}")
+        raise DataError(f"need at least two identities to split, got {ids}")
     if isinstance(held_out, float):
         if not 0.0 < held_out < 1.0:
             raise ValueError(f"held_out fraction must be in (0, 1), got {held_out}")
@@ -264,15 +341,20 @@ class FramePairDataset(_CountsSkippedFrames, Dataset):
 
     ``verify=True`` decodes every frame up front and drops unreadable ones
     (slow on large sets); otherwise they are found, counted and replaced when
-    first loaded. Tracks with fewer than two frames are dropped.
+    first loaded. Frames of more than ``max_pixels`` (width × height, read
+    from the file's header) count as unreadable. Tracks with fewer than two
+    frames are dropped.
 
     Items are dicts: ``source`` and ``target`` ``[3, size, size]`` float32 in
     [0, 1]; ``identity``, ``video``, ``track`` (``identity/video/track``)
     strings; ``source_index`` and ``target_index``, positions of the frames
-    in their track's sorted file list (after any replacement).
+    in their track's sorted file list (after any replacement); ``skipped``,
+    the frames first found unreadable while loading this item (paths joined
+    by newlines, usually "").
 
-    Raises ``FileNotFoundError`` for a missing root, ``ValueError`` when no
-    track has two frames.
+    Raises ``FileNotFoundError`` for a missing root, :class:`~tcae.errors.DataError`
+    (a ``ValueError``) when no track has two frames, or, from an item, when
+    no track has two readable frames left.
     """
 
     def __init__(
@@ -285,6 +367,7 @@ class FramePairDataset(_CountsSkippedFrames, Dataset):
         seed: int = 0,
         jitter: bool = True,
         verify: bool = False,
+        max_pixels: int = MAX_PIXELS,
     ):
         if pairs_per_identity < 1:
             raise ValueError(f"pairs_per_identity must be at least 1, got {pairs_per_identity}")
@@ -296,18 +379,20 @@ class FramePairDataset(_CountsSkippedFrames, Dataset):
         self.max_offset = max_offset
         self.seed = seed
         self.jitter = jitter
+        self.max_pixels = max_pixels
         self._decode = _decoder()
         self._skipped = _SkipCounter()
-        tracks = _scan_tracks(root, identities)
+        tracks = _scan_tracks(root, identities, self._skipped)
         if verify:
             for track in tracks:
                 for path in track.frames:
-                    if self._decode(path) is None:
-                        self._skipped.add(path)
+                    found = _read_frame(path, self._decode, max_pixels)
+                    if isinstance(found, str):
+                        self._skipped.add(path, found)
                 track.frames = [p for p in track.frames if p not in self._skipped]
         self.tracks = [t for t in tracks if len(t.frames) >= 2]
         if not self.tracks:
-            raise ValueError(f"no track under {root} has two readable frames (expected {_LAYOUT})")
+            raise DataError(f"no track under {root} has two readable frames (expected {_LAYOUT})")
         self.identities = sorted({t.identity for t in self.tracks})
         # identity → video → indices into self.tracks
         self._videos: dict[str, dict[str, list[int]]] = {}
@@ -349,10 +434,10 @@ class FramePairDataset(_CountsSkippedFrames, Dataset):
             path = track.frames[j]
             if j == avoid or path in self._skipped:
                 continue
-            img = self._decode(path)
-            if img is not None:
+            img = _read_frame(path, self._decode, self.max_pixels)
+            if not isinstance(img, str):
                 return _to_tensor(img, self.size, crop if self.jitter else None), j
-            self._skipped.add(path)
+            self._skipped.add(path, img)
         return None
 
     def __getitem__(self, i: int) -> dict:
@@ -374,5 +459,7 @@ class FramePairDataset(_CountsSkippedFrames, Dataset):
                 "track": track.key,
                 "source_index": source[1],
                 "target_index": target[1],
+                "skipped": self._skipped.take_new(),
             }
-        raise RuntimeError(f"no track under {self.root} has two readable frames any more")
+        raise DataError(f"no track under {self.root} has two readable frames: {self.skipped_frames} frames found "
+                        f"unreadable in this process, the first {self._skipped.paths[0]}")

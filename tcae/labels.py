@@ -15,11 +15,14 @@ import torch
 from torch.utils.data import Dataset
 
 from .common import POSE_NAMES
+from .errors import DataError
 from .frames import (
     _LAYOUT,
     IMAGE_EXTENSIONS,
+    MAX_PIXELS,
     _CountsSkippedFrames,
     _decoder,
+    _read_frame,
     _scan_tracks,
     _SkipCounter,
     _to_tensor,
@@ -62,14 +65,20 @@ class _LabelTable:
 
 
 def _read_labels(path: Path) -> _LabelTable:
-    with path.open(newline="") as f:
-        rows = list(csv.reader(f))
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError as e:
+        raise DataError(f"label file {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                        "save it as UTF-8 CSV") from None
+    except csv.Error as e:
+        raise DataError(f"label file {path} is not a readable CSV: {e}") from None
     if not rows:
-        raise ValueError(f"{path} is empty")
+        raise DataError(f"{path} is empty")
     header = [h.strip() for h in rows[0]]
     lower = [h.lower() for h in header]
     if "frame" not in lower:
-        raise ValueError(f"{path} has no 'frame' column (header: {header})")
+        raise DataError(f"{path} has no 'frame' column (header: {header})")
     frame_col = lower.index("frame")
     plain: dict[str, int] = {}
     occ_cols: dict[str, int] = {}
@@ -78,7 +87,7 @@ def _read_labels(path: Path) -> _LabelTable:
         if m:
             (occ_cols if m.group(2) else plain)[_au_name(int(m.group(1)))] = col
     if not plain and not occ_cols:
-        raise ValueError(f"{path} has no AU columns like AU1 / AU01 (header: {header})")
+        raise DataError(f"{path} has no AU columns like AU1 / AU01 (header: {header})")
     # With explicit *_occ columns, the plain AU columns are intensities (our
     # synthetic format); without, they are the 0/1 occurrences (BP4D/DISFA style).
     occ_source = occ_cols if occ_cols else plain
@@ -140,18 +149,20 @@ class LabelledFrames(_CountsSkippedFrames, Dataset):
         size: int = 64,
         identities: Sequence[str] | None = None,
         au_names: Sequence[str] | None = None,
+        max_pixels: int = MAX_PIXELS,
     ):
         self.root = Path(root)
         self.size = size
+        self.max_pixels = max_pixels
         self._decode = _decoder()
         self._skipped = _SkipCounter()
         labelled: list[tuple[_Track, _LabelTable]] = []
-        for track in _scan_tracks(root, identities):
+        for track in _scan_tracks(root, identities, self._skipped):
             path = _label_file(track.folder)
             if path is not None:
                 labelled.append((track, _read_labels(path)))
         if not labelled:
-            raise ValueError(f"no label CSV next to the frames under {root} (expected {_LAYOUT} and labels.csv)")
+            raise DataError(f"no label CSV next to the frames under {root} (expected {_LAYOUT} and labels.csv)")
         if au_names is None:
             names = sorted({a for _, table in labelled for a in table.aus}, key=lambda a: int(a[2:]))
         else:
@@ -180,7 +191,7 @@ class LabelledFrames(_CountsSkippedFrames, Dataset):
                 pose = np.array(table.pose[key], dtype=np.float32) if self.has_pose else None
                 self._items.append((track, frame, occ, inten, pose))
         if not self._items:
-            raise ValueError(f"no frame under {root} matches a row of its label CSV")
+            raise DataError(f"no frame under {root} matches a row of its label CSV")
         self.identities = sorted({t.identity for t, *_ in self._items})
 
     def __len__(self) -> int:
@@ -192,9 +203,9 @@ class LabelledFrames(_CountsSkippedFrames, Dataset):
             track, frame, occ, inten, pose = self._items[(i + step) % len(self._items)]
             if frame in self._skipped:
                 continue
-            img = self._decode(frame)
-            if img is None:
-                self._skipped.add(frame)
+            img = _read_frame(frame, self._decode, self.max_pixels)
+            if isinstance(img, str):
+                self._skipped.add(frame, img)
                 continue
             valid = ~np.isnan(occ)
             item = {
@@ -210,4 +221,5 @@ class LabelledFrames(_CountsSkippedFrames, Dataset):
             if pose is not None:
                 item["pose"] = torch.from_numpy(pose)
             return item
-        raise RuntimeError(f"no readable labelled frame left under {self.root}")
+        raise DataError(f"no labelled frame under {self.root} is readable: {self.skipped_frames} found unreadable, "
+                        f"the first {self._skipped.paths[0]}")

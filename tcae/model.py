@@ -31,6 +31,8 @@ import torch.nn.functional as F
 
 import tcae_kernels
 
+from .errors import ConfigError, check_range, check_types
+
 WarpFn = Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]
 
 # Looked up on every call (not bound at construction) so one table serves all
@@ -46,6 +48,7 @@ TRUNK_CHANNELS = (32, 64, 128, 256, 256)
 BRANCH_CHANNELS = (256, 256)  # followed by the embedding conv
 DECODER_CHANNELS = (256, 256, 256, 256, 128, 64, 32)
 BRANCH_INPUT_SIZE = 8  # three stride-2 convs take it to 1×1
+MAX_WIDTH = 16.0  # a guard against typos: 16× the paper's channel counts
 
 
 @dataclass
@@ -68,18 +71,17 @@ class TCAEConfig:
     padding: str = "border"
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.image_size not in IMAGE_SIZES:
-            raise ValueError(f"image_size must be one of {IMAGE_SIZES}, got {self.image_size}")
+            raise ConfigError(f"image_size must be one of {IMAGE_SIZES}, got {self.image_size}")
         if self.backend not in WARP_BACKENDS:
-            raise ValueError(f"backend must be one of {tuple(WARP_BACKENDS)}, got {self.backend!r}")
+            raise ConfigError(f"backend must be one of {tuple(WARP_BACKENDS)}, got {self.backend!r}")
         if self.padding not in ("zeros", "border"):
-            raise ValueError(f"padding must be 'zeros' or 'border', got {self.padding!r}")
-        if not self.width > 0:
-            raise ValueError(f"width must be positive, got {self.width}")
-        if self.embed_dim < 1 or self.in_channels < 1:
-            raise ValueError(
-                f"embed_dim and in_channels must be positive, got {self.embed_dim} and {self.in_channels}"
-            )
+            raise ConfigError(f"padding must be 'zeros' or 'border', got {self.padding!r}")
+        if not 0 < self.width <= MAX_WIDTH:
+            raise ConfigError(f"width must be in (0, {MAX_WIDTH}], got {self.width}")
+        check_range("embed_dim", self.embed_dim, 1)
+        check_range("in_channels", self.in_channels, 1)
 
     def channels(self, c: int) -> int:
         """A hidden channel count of the full-width model, scaled by ``width``."""

@@ -75,9 +75,11 @@ class Progress:
     (validation, panels and checkpoints included) per step, times the steps left.
     """
 
-    def __init__(self, start: int, total: int, every: int, stream=sys.stdout) -> None:
-        self.start, self.total, self.every, self.stream = start, total, every, stream
-        self.tty = stream.isatty()
+    def __init__(self, start: int, total: int, every: int, stream=None) -> None:
+        # sys.stdout as it is now, not as it was at import: it may have been redirected since.
+        self.start, self.total, self.every = start, total, every
+        self.stream = sys.stdout if stream is None else stream
+        self.tty = self.stream.isatty()
         self.began = time.perf_counter()
 
     def eta(self, step: int) -> float:

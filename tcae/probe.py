@@ -29,12 +29,31 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .checkpoint import load_model
-from .frames import split_identities
+from .distributed import check_device
+from .errors import TCAEError
+from .frames import MAX_PIXELS, split_identities
 from .labels import LabelledFrames
 from .model import TCAE
 from .common import POSE_NAMES
 
 EMBEDDINGS = ("au_embedding", "pose_embedding")
+
+
+class NonFiniteModelError(TCAEError, ValueError):
+    """The model's weights or embeddings hold NaN or ±inf: there is nothing to probe."""
+
+
+def _check_finite(model: TCAE, embeddings: dict[str, torch.Tensor], n_frames: int) -> None:
+    bad = [name for name, t in (*model.named_parameters(), *model.named_buffers())
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise NonFiniteModelError(f"the model has non-finite (NaN or inf) weights in {len(bad)} tensors, first "
+                                  f"{bad[:3]} (a diverged run?); probe an earlier checkpoint")
+    for kind in EMBEDDINGS:
+        rows = int((~torch.isfinite(embeddings[kind])).any(1).sum())
+        if rows:
+            raise NonFiniteModelError(f"the model's {kind} is non-finite (NaN or inf) for {rows} of {n_frames} "
+                                      "frames: there is nothing to probe")
 
 
 @torch.no_grad()
@@ -198,7 +217,7 @@ def select_alpha(x: np.ndarray, y: np.ndarray, groups: list[str], alphas: tuple[
 
 
 def probe(model: TCAE, data: str | Path, held_out: float | int = 0.25, seed: int = 0, epochs: int = 30,
-          lr: float = 1e-2, device: str | torch.device = "cpu") -> dict:
+          lr: float = 1e-2, device: str | torch.device = "cpu", max_pixels: int = MAX_PIXELS) -> dict:
     """Fit and score the AU detector (and pose regression) on frozen embeddings of ``data``'s labelled frames.
 
     Returns ``au_names``, ``f1`` (per embedding: {AU: F1, "mean": mean F1}),
@@ -207,17 +226,26 @@ def probe(model: TCAE, data: str | Path, held_out: float | int = 0.25, seed: int
     ``pose_names`` and ``pose_r2`` (per embedding: {name: R², "mean": …}; empty
     without pose labels; ``ridge_alpha`` the penalty :func:`select_alpha`
     chose on the training identities), ``train_identities``,
-    ``test_identities``, ``n_train`` and ``n_test`` (frames).
+    ``test_identities``, ``n_train`` and ``n_test`` (frames), and
+    ``skipped_frames``, the unreadable frames left out (frames of more than
+    ``max_pixels`` among them).
+
+    Raises :class:`NonFiniteModelError` when the model's weights or embeddings are not finite.
     """
     size = model.config.image_size
-    everything = LabelledFrames(data, size=size)
+    everything = LabelledFrames(data, size=size, max_pixels=max_pixels)
     names = everything.au_names
     train_ids, test_ids = split_identities(everything.identities, held_out, seed)
-    train = embed_frames(model, LabelledFrames(data, size, train_ids, names), device=device)
-    test = embed_frames(model, LabelledFrames(data, size, test_ids, names), device=device)
+    train_frames, test_frames = (LabelledFrames(data, size, ids, names, max_pixels) for ids in (train_ids, test_ids))
+    train = embed_frames(model, train_frames, device=device)
+    test = embed_frames(model, test_frames, device=device)
+    _check_finite(model, train, len(train["identity"]))
+    _check_finite(model, test, len(test["identity"]))
+    skipped = {*everything.skipped_paths, *train_frames.skipped_paths, *test_frames.skipped_paths}
     report: dict = {"au_names": names, "f1": {}, "thresholds": {}, "pose_names": [], "pose_r2": {}, "ridge_alpha": {},
                     "train_identities": train_ids, "test_identities": test_ids,
-                    "n_train": len(train["occurrence"]), "n_test": len(test["occurrence"])}
+                    "n_train": len(train["occurrence"]), "n_test": len(test["occurrence"]),
+                    "skipped_frames": len(skipped)}
     truth, valid = test["occurrence"].numpy(), test["valid"].numpy()
     always = f1_scores(np.ones_like(truth), truth, valid)
     report["f1_always_present"] = {**dict(zip(names, always.tolist())), "mean": float(always.mean())}
@@ -248,8 +276,11 @@ def format_report(report: dict) -> str:
         return f"{label:<8}" + "".join(f"{v:>14.3f}" if not math.isnan(v) else f"{'n/a':>14}" for v in values)
 
     head = f"{'':<8}{'AU emb':>14}{'pose emb':>14}"
+    skipped = (f"; {report['skipped_frames']} unreadable frames skipped" if report.get("skipped_frames")
+               else "")
     lines = [f"AU detection F1 on {len(report['test_identities'])} held-out identities "
-             f"({report['n_test']} frames; detector trained on {report['n_train']})", head + f"{'always on':>14}"]
+             f"({report['n_test']} frames; detector trained on {report['n_train']}{skipped})",
+             head + f"{'always on':>14}"]
     for name in [*report["au_names"], "mean"]:
         lines.append(row(name, [report["f1"][k][name] for k in EMBEDDINGS] + [report["f1_always_present"][name]]))
     if report["pose_r2"]:
@@ -265,8 +296,11 @@ def format_report(report: dict) -> str:
 
 def probe_checkpoint(path: str | Path, data: str | Path | None = None, held_out: float | int | None = None,
                      seed: int | None = None, device: str | torch.device = "cpu", **kwargs) -> dict:
-    """:func:`probe` on a checkpoint's model; data, held_out and seed default to its training config."""
+    """:func:`probe` on a checkpoint's model; data, held_out, seed and the frame size limit default to its
+    training config."""
+    device = check_device(device)
     model, config = load_model(path, device)
+    kwargs.setdefault("max_pixels", config.get("max_frame_pixels", MAX_PIXELS))
     # A run validated on its training identities (held_out 0) has no split to reuse.
     held_out = held_out if held_out is not None else config["held_out"] or 0.25
     return probe(model, data if data is not None else config["data"], held_out=held_out,

@@ -3,9 +3,10 @@
     tcae train --data DATA --image-size 64 --width 0.25 --steps 2000
     tcae train --recipe fast --data DATA ...                # the recipe that learns in minutes on a CPU
     tcae train --resume runs/a/checkpoint.pt               # continue, with the run's own settings
-    torchrun --nproc_per_node 4 -m tcae.train --config run.toml
+    torchrun --nproc_per_node 4 -m tcae.cli train --config run.toml
 
-Everything a run writes goes to ``out``: ``config.json``, ``metrics.jsonl``
+Everything a run writes goes to ``out``, which one run at a time may write
+(:class:`tcae.rundir.RunLock`): ``config.json``, ``metrics.jsonl``
 (one JSON object per log or validation step), ``checkpoint.pt`` (the latest
 checkpoint, with the model config inside, see :mod:`tcae.checkpoint`),
 ``panels/step_NNNNNN.png`` (:mod:`tcae.panels`, on held-out identities) and,
@@ -38,6 +39,7 @@ broadcast at every forward. Only rank 0 writes files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -56,9 +58,9 @@ from torch.utils.data import DataLoader, Subset
 import tcae_kernels
 
 from .batches import GlobalBatches, evenly_spaced, stream
-from .checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import CHECKPOINT_NAME, TrainConfig, add_config_arguments, config_from_args, resume_path, \
-    workers_and_threads
+from .checkpoint import TRAINING_KEYS, CheckpointError, check_compatible, load_checkpoint, load_weights, rng_state, \
+    save_checkpoint, set_rng_state
+from .config import CHECKPOINT_NAME, TrainConfig, config_from_args, resume_path, workers_and_threads
 from .distributed import Dist, setup
 from .frames import FramePairDataset, list_identities, split_identities
 from .losses import Curriculum, LossWeights, compute_losses, pixel_criterion
@@ -66,6 +68,7 @@ from .model import TCAE
 from .monitor import MetricsLog, NonFiniteLossError, Progress, describe_samples, displacement_sizes, grad_norms, \
     non_finite_report, tensorboard_note
 from .panels import write_panel
+from .rundir import RunLock, truncate_metrics
 
 
 def lr_factor(config: TrainConfig, step: int) -> float:
@@ -99,7 +102,7 @@ def datasets(config: TrainConfig) -> tuple[FramePairDataset, FramePairDataset]:
         train_ids, val_ids = split_identities(identities, config.held_out, config.seed)
     per_identity = max(config.pairs_per_identity, math.ceil(config.batch_size / len(train_ids)))
     kwargs = dict(size=config.model.image_size, max_offset=config.max_offset or None, seed=config.seed,
-                  jitter=config.jitter)
+                  jitter=config.jitter, max_pixels=config.max_frame_pixels)
     return (FramePairDataset(config.data, identities=train_ids, pairs_per_identity=per_identity, **kwargs),
             FramePairDataset(config.data, identities=val_ids,
                              pairs_per_identity=max(1, math.ceil(config.val_batches * config.batch_size
@@ -111,14 +114,21 @@ def _autocast(config: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
+def note_skipped(skipped: set[str], batch: dict) -> None:
+    """Add the frames a batch's items found unreadable (in whichever process loaded them) to ``skipped``."""
+    skipped.update(path for paths in batch["skipped"] for path in paths.split("\n") if path)
+
+
 @torch.no_grad()
-def validate(model: TCAE, loader: DataLoader, config: TrainConfig, d: Dist) -> dict[str, float]:
+def validate(model: TCAE, loader: DataLoader, config: TrainConfig, d: Dist, skipped: set[str]) -> dict[str, float]:
     """Means over the validation pairs (all ranks' shards), in eval mode: ``pixel_loss`` (the
     curriculum's criterion, :func:`tcae.losses.pixel_criterion`), ``recon`` (L1 of the
-    reconstruction), ``identity`` (L1 of the source itself: the baseline recon must beat) and ``total``."""
+    reconstruction), ``identity`` (L1 of the source itself: the baseline recon must beat) and ``total``.
+    Unreadable frames met go to ``skipped``."""
     model.eval()
     acc = torch.zeros(5, dtype=torch.float64, device=d.device)
     for batch in loader:
+        note_skipped(skipped, batch)
         source, target = batch["source"].to(d.device), batch["target"].to(d.device)
         with _autocast(config, d.device):
             losses, total = compute_losses(model, model(source, target), source, target)
@@ -143,13 +153,6 @@ def panel(model: TCAE, samples: list[dict], config: TrainConfig, device: torch.d
     return write_panel(path, source, target, out, arrows=config.panel_arrows)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after ``step`` by a run that died after its last checkpoint."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
-
-
 def train(config: TrainConfig, resume: str | Path | None = None) -> tuple[TCAE, dict]:
     """Run (or, with ``resume``, continue) training; returns the model (this rank's replica) and a summary.
 
@@ -160,21 +163,30 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> tuple[TCAE, 
     and data only), ``wall_seconds``, ``img_per_s``, ``workers``,
     ``threads``, ``implementation`` (the warp code that ran,
     :func:`tcae_kernels.implementation`), ``checkpoint``, ``metrics``,
-    ``panels`` (paths written by this call).
+    ``panels`` (paths written by this call), ``skipped_frames`` (distinct
+    unreadable frames met, in every loader process and rank). A resumed run
+    that has already reached ``steps`` trains nothing, writes nothing and
+    says so in ``note``.
 
     ``resume``: a checkpoint path, or "" for ``out/checkpoint.pt``. Its model
     shape fields must match ``config``; other settings may change.
 
     Raises :class:`~tcae.monitor.NonFiniteLossError` on a NaN/inf loss or
-    gradient, and :class:`tcae.checkpoint.CheckpointError` for a damaged or
-    incompatible ``resume`` checkpoint.
+    gradient, :class:`tcae.checkpoint.CheckpointError` for a damaged or
+    incompatible ``resume`` checkpoint or one that cannot be written (the
+    previous one stays), :class:`tcae.rundir.RunLockedError` when another run
+    writes to ``out``, and :class:`tcae.errors.TCAEError` subclasses for
+    unusable settings or data.
     """
-    d = setup(config.device)
-    try:
-        return _train(config, resume, d)
-    finally:
-        if d.owns_group:
-            dist.destroy_process_group()
+    # Rank 0 alone writes; it locks the folder before the process group forms, so that a refusal
+    # ends the run instead of leaving the other ranks waiting for it.
+    with RunLock(config.out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+        d = setup(config.device)
+        try:
+            return _train(config, resume, d)
+        finally:
+            if d.owns_group:
+                dist.destroy_process_group()
 
 
 def _train(config: TrainConfig, resume: str | Path | None, d: Dist) -> tuple[TCAE, dict]:
@@ -187,6 +199,25 @@ def _train(config: TrainConfig, resume: str | Path | None, d: Dist) -> tuple[TCA
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
 
+    model = TCAE(config.model).to(d.device)
+    if config.still_start:
+        model.au_decoder.still()
+        model.pose_decoder.still()
+    metrics_path = out / "metrics.jsonl"
+    ckpt_path = out / CHECKPOINT_NAME
+    state = None
+    if resume is not None:
+        resume = resume_path(resume, out)
+        state = load_checkpoint(resume, keys=TRAINING_KEYS)
+        check_compatible(state["config"], config.as_dict(), resume)
+        if state["step"] >= config.steps:
+            load_weights(model, state["model"], resume)
+            note = (f"nothing to do: the run already reached step {state['step']} (steps is {config.steps}); "
+                    "give a larger --steps to continue it")
+            if d.main:
+                print(note, flush=True)
+            return model, {"steps": state["step"], "note": note, "checkpoint": str(resume), "panels": []}
+
     train_set, val_set = datasets(config)
     sampler = GlobalBatches(len(train_set), config.batch_size, d.rank, d.world, config.seed)
     # Our own generator: creating an iterator must not draw from the global RNG.
@@ -195,12 +226,13 @@ def _train(config: TrainConfig, resume: str | Path | None, d: Dist) -> tuple[TCA
     val_idx = evenly_spaced(len(val_set), config.val_batches * config.batch_size)
     val_loader = DataLoader(Subset(val_set, val_idx[d.rank :: d.world]), batch_size=config.batch_size // d.world,
                             num_workers=workers)
-    panel_samples = [val_set[i] for i in evenly_spaced(len(val_set), config.panel_samples)] if d.main else []
+    panel_samples = []
+    if d.main and config.panel_every > 0:
+        panel_samples = [val_set[i] for i in evenly_spaced(len(val_set), config.panel_samples)]
+    # Distinct unreadable frames met by this rank: those this process found (scanning the folders, loading
+    # the panel's pairs), then those the items of each batch name (loaded here or in a worker process).
+    skipped = {str(path) for dataset in (train_set, val_set) for path in dataset.skipped_paths}
 
-    model = TCAE(config.model).to(d.device)
-    if config.still_start:
-        model.au_decoder.still()
-        model.pose_decoder.still()
     if d.world > 1 and d.device.type == "cuda" and config.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = make_optimizer(config, model)
@@ -211,25 +243,22 @@ def _train(config: TrainConfig, resume: str | Path | None, d: Dist) -> tuple[TCA
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s) * curriculum.lr_scale)
     weights = LossWeights(au_sparsity=config.sparsity_weight)
     step, epoch, consumed = 0, 0, 0
+    saved_step = None  # the step the checkpoint on disk holds, for a failed write's message
 
-    metrics_path = out / "metrics.jsonl"
-    ckpt_path = out / CHECKPOINT_NAME
-    if resume is not None:
-        resume = resume_path(resume, out)
-        state = load_checkpoint(resume)
-        check_compatible(state["config"], config.as_dict(), resume)
-        model.load_state_dict(state["model"])
+    if state is not None:
+        load_weights(model, state["model"], resume)
         optimizer.load_state_dict(state["optimizer"])
         curriculum = Curriculum(**state["curriculum"])  # the scheduler's lambda reads this name when it steps
         scheduler.load_state_dict(state["scheduler"])
         step, epoch, consumed = state["step"], state["epoch"], state["consumed"]
+        saved_step = step if Path(resume).resolve() == ckpt_path.resolve() else None
         set_rng_state(state["rng"])
         saved = state["config"]
         changed = {k: (v, getattr(config, k)) for k, v in saved.items() if k != "model" and getattr(config, k, v) != v}
         if d.main:
             print(f"resuming from {resume} at step {step}"
                   + (f"; changed settings: {changed}" if changed else ""), flush=True)
-            _truncate_metrics(metrics_path, step)
+            truncate_metrics(metrics_path, step)
     elif d.main and ckpt_path.exists():
         print(f"note: {ckpt_path} exists; this fresh run replaces it (--resume continues it)", flush=True)
 
@@ -257,11 +286,21 @@ def _train(config: TrainConfig, resume: str | Path | None, d: Dist) -> tuple[TCA
                      tensorboard=out / "tensorboard" if config.tensorboard else None)
 
     def checkpoint() -> None:
-        save_checkpoint(ckpt_path, {
-            "step": step, "epoch": epoch, "consumed": consumed, "config": config.as_dict(),
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "curriculum": vars(curriculum).copy(), "rng": rng_state(), "world_size": d.world,
-        })
+        nonlocal saved_step
+        try:
+            save_checkpoint(ckpt_path, {
+                "step": step, "epoch": epoch, "consumed": consumed, "config": config.as_dict(),
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "curriculum": vars(curriculum).copy(), "rng": rng_state(),
+                "world_size": d.world,
+            })
+        except OSError as e:  # a full disk, a lost mount: the write went to a temporary file, the old one stays
+            kept = (f"the previous checkpoint {ckpt_path} (step {saved_step}) is intact" if saved_step is not None
+                    else f"the earlier file {ckpt_path} is left as it was" if ckpt_path.exists()
+                    else "no checkpoint has been written")
+            raise CheckpointError(f"cannot write the step-{step} checkpoint {ckpt_path}: {e.strerror or e}; "
+                                  f"{kept}") from e
+        saved_step = step
 
     def due(every: int) -> bool:
         """Every ``every`` steps and at the last one; 0 = never."""
@@ -275,6 +314,7 @@ def _train(config: TrainConfig, resume: str | Path | None, d: Dist) -> tuple[TCA
     progress = Progress(step, config.steps, config.log_every)
     summary: dict[str, Any] = {"losses": {}, "panels": [], "val": None}
     train_seconds, window_seconds, window_images = 0.0, 0.0, 0
+    skipped_count = 0  # all ranks' distinct skips, as of the last log step
     params = list(model.parameters())
     batches = stream(loader, sampler, epoch, consumed)
     model.train()
@@ -282,6 +322,7 @@ def _train(config: TrainConfig, resume: str | Path | None, d: Dist) -> tuple[TCA
         while step < config.steps:
             t0 = time.perf_counter()
             epoch, consumed, batch = next(batches)
+            note_skipped(skipped, batch)
             source = batch["source"].to(d.device, non_blocking=True)
             target = batch["target"].to(d.device, non_blocking=True)
             with _autocast(config, d.device):
@@ -321,21 +362,23 @@ def _train(config: TrainConfig, resume: str | Path | None, d: Dist) -> tuple[TCA
                 values = dict(zip(names + ["identity", "total", "loss"], means))
                 rate = window_images / window_seconds
                 summary["losses"] = values
+                skipped_count = len(d.union(skipped))
                 log({"step": step, "epoch": epoch, **values, "recon_ratio": values["recon"] / values["identity"],
                      "lr": scheduler.get_last_lr()[0], "img_per_s": rate, "window": [curriculum.lo, curriculum.hi],
                      "grad_norm": float(grad_norm), "grad_norms": parts, **displacement_sizes(result),
-                     "time": train_seconds})
+                     "skipped_frames": skipped_count, "time": train_seconds})
                 window_seconds, window_images = 0.0, 0
                 summary["img_per_s"] = rate
             if d.main:
                 shown = summary["losses"] or {"loss": loss.item()}
                 recon = (f"recon {shown['recon']:.4f} vs identity {shown['identity']:.4f}" if "recon" in shown
                          else "")
+                unreadable = f" | {skipped_count} unreadable frames skipped" if skipped_count else ""
                 progress.update(step, f"loss {shown['loss']:.4f} {recon} "
-                                      f"| {summary.get('img_per_s', math.nan):.1f} img/s")
+                                      f"| {summary.get('img_per_s', math.nan):.1f} img/s{unreadable}")
 
             if config.val_every >= 0 and validation_due():
-                val = validate(model, val_loader, config, d)
+                val = validate(model, val_loader, config, d, skipped)
                 event = curriculum.record(val["pixel_loss"])
                 log({"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in val.items()},
                      "val_recon_ratio": val["recon"] / val["identity"], "best_val_pixel_loss": curriculum.best,
@@ -357,7 +400,8 @@ def _train(config: TrainConfig, resume: str | Path | None, d: Dist) -> tuple[TCA
                 checkpoint()
     finally:
         log.close()
-    summary.update(steps=step, window=[curriculum.lo, curriculum.hi], lr_scale=curriculum.lr_scale,
+    summary.update(steps=step, skipped_frames=len(d.union(skipped)), window=[curriculum.lo, curriculum.hi],
+                   lr_scale=curriculum.lr_scale,
                    train_seconds=train_seconds, wall_seconds=time.perf_counter() - wall_start, workers=workers,
                    threads=torch.get_num_threads(), implementation=implementation, checkpoint=str(ckpt_path),
                    metrics=str(metrics_path))
@@ -373,10 +417,10 @@ def train_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tcae.train`` (what torchrun runs); the same as ``tcae train``."""
-    parser = argparse.ArgumentParser(prog="python -m tcae.train", description="Train the TCAE (SPEC section 6).")
-    add_config_arguments(parser)
-    return train_from_args(parser.parse_args(argv))
+    """``python -m tcae.train``: the same as ``tcae train`` (``python -m tcae.cli train``)."""
+    from .cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -110,16 +110,23 @@ def _crop_square(cv2, frame: np.ndarray, cx: float, cy: float, side: float, size
     return cv2.resize(crop, (size, size), interpolation=interp)
 
 
-def _video_paths(videos: str | Path | Sequence[str | Path]) -> list[Path]:
+def _video_paths(videos: str | Path | Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
+    """(the video files to read, the named paths that do not exist); FileNotFoundError when none exists."""
     if isinstance(videos, (str, Path)):
         videos = Path(videos)
         if videos.is_dir():
             found = sorted(p for p in videos.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
             if not found:
                 raise ValueError(f"no videos ({', '.join(VIDEO_EXTENSIONS)}) under {videos}")
-            return found
-        return [videos]
-    return [Path(v) for v in videos]
+            return found, []
+        videos = [videos]
+    paths = [Path(v) for v in videos]
+    missing = [p for p in paths if not p.exists()]
+    if len(missing) == len(paths):
+        pattern = any(c in str(p) for p in missing for c in "*?[")
+        raise FileNotFoundError(f"no such file: {', '.join(map(str, missing))}"
+                                + (" (a shell pattern that matched no file?)" if pattern else ""))
+    return [p for p in paths if p.exists()], missing
 
 
 def prepare_videos(
@@ -144,8 +151,9 @@ def prepare_videos(
     side are smoothed over time with an exponential moving average
     (``smoothing`` = weight of the past, 0 = none) so crops do not jitter. A
     face that jumps (IoU < 0.3 with the previous box, e.g. a cut) starts a new
-    track. Frames without a face are skipped and counted; a video that
-    cannot be opened or yields no frame is skipped with a warning and counted.
+    track. Frames without a face are skipped and counted; a video that does
+    not exist, cannot be opened or yields no frame is skipped with a warning
+    and counted. When no named video exists at all, ``FileNotFoundError``.
 
     Returns a summary: ``videos_ok``, ``videos_failed``, ``failed`` (paths),
     ``frames_read`` (all frames gone through), ``frames_sampled`` (decoded and searched),
@@ -156,7 +164,7 @@ def prepare_videos(
         raise ValueError(f"every_nth must be at least 1, got {every_nth}")
     if not 0.0 <= smoothing < 1.0:
         raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
-    paths = _video_paths(videos)
+    paths, missing = _video_paths(videos)
     detect = haar_face_detector() if detector is None else detector
     out_root = Path(out_root)
     summary = {
@@ -170,6 +178,10 @@ def prepare_videos(
         "tracks": 0,
         "out_root": str(out_root),
     }
+    for path in missing:
+        warnings.warn(f"skipping {path}: no such file", RuntimeWarning, stacklevel=2)
+        summary["videos_failed"] += 1
+        summary["failed"].append(str(path))
     used_names: set[str] = set()
     for path in paths:
         cap = cv2.VideoCapture(str(path))

@@ -68,10 +68,16 @@ def test_min_bytes_follow_spec_section_5():
     assert min_bytes("fwdbwd-both", shape, torch.bfloat16, torch.float32) == fwd + bwd_disp + n * c * 2
 
 
-def test_fused_bench_checks_and_times(tmp_path):
+def test_fused_bench_checks_and_times(tmp_path, capsys):
     from bench.fused import main as fused_main
 
     rows = fused_main(["--shapes", "q-img", "--dtypes", "float32", "--rep-ms", "1", "--out", str(tmp_path / "f.json")])
     assert {r["op"] for r in rows} == {"merged", "l1"}
     assert all(r["fused_us"] > 0 and r["fused_error"] <= 1e-5 for r in rows)
     assert json.loads((tmp_path / "f.json").read_text())["rows"] == rows
+    # Progress on stderr, a line per case before it runs (minutes on a CPU); the table alone on stdout.
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("bench.fused: 2 cases on ")
+    assert err[1].startswith("[1/2] merged q-img") and "float32: checking and timing (0 s so far)" in err[1]
+    assert err[2].startswith("[2/2] l1 q-img") and "float32: checking and timing (" in err[2]
+    assert err[3].startswith("bench.fused: done in ") and len(err) == 4

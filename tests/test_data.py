@@ -1,6 +1,7 @@
 """Datasets and video preparation: pairing, determinism, corrupt input, labels."""
 
 import pickle
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -10,8 +11,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+import tcae.frames as frames_module
 import tcae.videos as videos
-from tcae.frames import FramePairDataset, list_identities, load_image, split_identities
+from tcae.errors import DataError
+from tcae.frames import FramePairDataset, image_size, list_identities, load_image, split_identities
 from tcae.labels import LabelledFrames
 from tcae.videos import prepare_videos
 from tcae.synthetic import AU_NAMES, SyntheticConfig, generate_dataset, render_frame, sample_identity, write_png
@@ -254,9 +257,69 @@ def test_labelled_frames_bad_csv_is_reported(tmp_path):
     track = tmp_path / "p" / "v" / "t"
     track.mkdir(parents=True)
     write_png(track / "000000.png", np.zeros((8, 8, 3), np.uint8))
-    (track / "labels.csv").write_text("index,AU1\n0,1\n")
-    with pytest.raises(ValueError, match="no 'frame' column"):
+    labels = track / "labels.csv"
+    labels.write_text("index,AU1\n0,1\n")
+    with pytest.raises(DataError, match="no 'frame' column"):
         LabelledFrames(tmp_path)
+    labels.write_bytes("frame,AU1\n0,1\n".encode("utf-16"))  # not UTF-8
+    with pytest.raises(DataError, match=f"label file {re.escape(str(labels))} is not UTF-8 text"):
+        LabelledFrames(tmp_path)
+    labels.write_bytes("\ufeffframe,AU1\n0,1\n".encode())  # UTF-8 with a byte-order mark, as Excel writes
+    assert LabelledFrames(tmp_path, size=8)[0]["au_occurrence"].tolist() == [1.0]
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR chunk announcing width × height, with no image data after it."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr
+            + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)))
+
+
+def test_frames_above_the_pixel_limit_are_refused_before_decoding(synthetic_root, tmp_path, monkeypatch):
+    root = _copy(synthetic_root, tmp_path)
+    huge = root / "id0000" / "vid00" / "track0" / "000003.png"
+    huge.write_bytes(_png_header(16000, 16000) + b"\0" * 100)
+    assert image_size(huge) == (16000, 16000)
+    decoded = []
+    real_decoder = frames_module._decoder()
+    monkeypatch.setattr(frames_module, "_decoder", lambda: lambda path: decoded.append(path) or real_decoder(path))
+    with pytest.warns(RuntimeWarning, match=r"000003.png: 16000 × 16000 pixels, more than the limit of 16777216"):
+        ds = FramePairDataset(root, size=32, verify=True)  # every frame read once
+    assert huge not in decoded and len(decoded) == 3 * 2 * 2 * 8 - 1
+    assert ds.skipped_paths == [huge] and len(ds.tracks[0].frames) == 7
+    with pytest.raises(DataError, match="16000 × 16000 pixels"):
+        load_image(huge, 32)
+    # The limit is a setting: 32 × 32 frames above a limit of 1000 pixels are all refused.
+    with pytest.warns(RuntimeWarning, match="32 × 32 pixels, more than the limit of 1000"), \
+            pytest.raises(DataError, match="no track .* has two readable frames"):
+        FramePairDataset(root, size=32, max_pixels=1000, verify=True)
+
+
+def test_image_size_reads_png_and_jpeg_headers(tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    image = np.zeros((30, 50, 3), np.uint8)
+    write_png(tmp_path / "a.png", image)
+    _, jpeg = cv2.imencode(".jpg", image)
+    (tmp_path / "a.jpg").write_bytes(jpeg.tobytes())
+    assert image_size(tmp_path / "a.png") == image_size(tmp_path / "a.jpg") == (50, 30)
+    (tmp_path / "x.png").write_bytes(b"not an image")
+    assert image_size(tmp_path / "x.png") is None
+
+
+def test_entries_named_like_frames_that_are_not_files_are_skipped(synthetic_root, tmp_path):
+    root = _copy(synthetic_root, tmp_path)
+    track = root / "id0000" / "vid00" / "track0"
+    (track / "000100.png").mkdir()
+    (track / "000101.png").symlink_to(tmp_path / "gone.png")
+    with pytest.warns(RuntimeWarning) as caught:
+        ds = FramePairDataset(root, size=16)
+    messages = sorted(str(w.message) for w in caught)
+    assert messages == [f"skipping {track / '000100.png'}: named like a frame but not a file",
+                        f"skipping {track / '000101.png'}: named like a frame but a broken link"]
+    assert ds.skipped_frames == 2 and len(ds.tracks[0].frames) == 8
 
 
 # --- prepare_videos ------------------------------------------------------------
@@ -334,11 +397,16 @@ def test_prepare_videos_starts_a_new_track_when_the_face_jumps(tmp_path):
     assert len(list((tmp_path / "out" / "cut" / "cut" / "track1").glob("*.png"))) == 3
 
 
-def test_prepare_videos_missing_file_counts_as_failed(tmp_path):
+def test_prepare_videos_names_missing_files(tmp_path):
     pytest.importorskip("cv2")
-    with pytest.warns(RuntimeWarning):
-        summary = prepare_videos([tmp_path / "absent.mp4"], tmp_path / "out", detector=_bright_box_detector)
-    assert summary["videos_failed"] == 1 and summary["frames_written"] == 0
+    _face_video(tmp_path / "clip.avi", n=2)
+    absent = tmp_path / "absent.mp4"
+    with pytest.warns(RuntimeWarning, match=f"skipping {re.escape(str(absent))}: no such file"):
+        summary = prepare_videos([absent, tmp_path / "clip.avi"], tmp_path / "out", detector=_bright_box_detector)
+    assert summary["videos_failed"] == 1 and summary["failed"] == [str(absent)] and summary["videos_ok"] == 1
+    # Nothing that exists at all: an error, not an empty run.
+    with pytest.raises(FileNotFoundError, match=r"no such file: videos/\*\.mp4 \(a shell pattern that matched"):
+        prepare_videos(["videos/*.mp4"], tmp_path / "out2", detector=_bright_box_detector)
 
 
 def test_prepare_videos_without_opencv_names_the_extra(tmp_path, monkeypatch):
@@ -356,12 +424,19 @@ def _default_detector_or_skip():
         pytest.skip(f"no bundled face detector: {e}")
 
 
-def test_prepare_videos_default_detector_counts_consistently(tmp_path):
+def test_prepare_videos_default_detector_finds_the_faces(tmp_path):
     _face_video(tmp_path / "clip.avi", n=6)
     _default_detector_or_skip()
     summary = prepare_videos([tmp_path / "clip.avi"], tmp_path / "out", size=32)
     assert summary["frames_sampled"] == 6
     assert summary["frames_written"] + summary["frames_without_face"] == 6
+    # Faces are found (at least the neutral first one), and only where there is one: never on a black frame.
+    crops = sorted((tmp_path / "out" / "clip" / "clip" / "track0").glob("*.png"))
+    assert crops and len(crops) == summary["frames_written"] and summary["tracks"] == 1
+    assert crops[0].name == "000000.png" and all(int(p.stem) % 2 == 0 for p in crops)
+    for crop in crops:
+        image = load_image(crop, 32)
+        assert image.shape == (3, 32, 32) and image[:, 8:24, 8:24].mean() > 0.2  # the face, not the black border
 
 
 @pytest.mark.skipif(not REAL_VIDEO.is_file(), reason=f"{REAL_VIDEO} not present")

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+import tcae.probe as probe_module
+from tcae.labels import LabelledFrames
 from tcae.model import TCAE, TCAEConfig
-from tcae.probe import (EMBEDDINGS, best_thresholds, f1_scores, fit_detector, format_report, probe, probe_checkpoint,
-                        ridge_r2, select_alpha)
+from tcae.probe import (EMBEDDINGS, NonFiniteModelError, best_thresholds, f1_scores, fit_detector, format_report,
+                        probe, probe_checkpoint, ridge_r2, select_alpha)
 from tcae.synthetic import AU_NAMES, POSE_NAMES, SyntheticConfig, generate_dataset
 from tcae.config import TrainConfig
 from tcae.train import train
@@ -102,8 +104,61 @@ def test_probe_reports_f1_and_r2_in_range(data):
         assert f1["mean"] == pytest.approx(np.mean([f1[a] for a in AU_NAMES]))
         r2 = report["pose_r2"][kind]
         assert set(r2) == {*POSE_NAMES, "mean"} and all(math.isfinite(v) and v <= 1.0 for v in r2.values())
+    # The always-present floor, by hand from the test identity's labels: F1 = 2p / (p + n) for p positives of n.
+    test = LabelledFrames(data, size=64, identities=report["test_identities"])
+    occurrence = torch.stack([test[i]["au_occurrence"] for i in range(len(test))])
+    positives = occurrence.sum(0)
+    assert [report["f1_always_present"][a] for a in AU_NAMES] == pytest.approx(
+        (2 * positives / (positives + len(test))).tolist())
+    assert report["skipped_frames"] == 0
     text = format_report(report)
-    assert "AU26" in text and "pose R²" in text and "yaw" in text
+    assert "AU26" in text and "pose R²" in text and "yaw" in text and "skipped" not in text
+
+
+def test_probe_regresses_pose_from_an_embedding_that_holds_it(tmp_path, monkeypatch):
+    # 9 training identities: with the 3 of the shared fixture, the penalty chosen on held-out identities is the
+    # largest, and R² is far below 0 even from this embedding.
+    data = tmp_path / "data"
+    generate_dataset(data, SyntheticConfig(identities=12, videos_per_identity=1, frames_per_video=10, size=16))
+    real = probe_module.embed_frames
+
+    def pose_in_pose_embedding(model, frames, **kwargs):
+        found = real(model, frames, **kwargs)
+        noise = torch.randn(len(found["identity"]), 8, generator=torch.Generator().manual_seed(0)) * 0.01
+        found["pose_embedding"] = torch.cat([found["pose"], noise], 1)
+        return found
+
+    monkeypatch.setattr(probe_module, "embed_frames", pose_in_pose_embedding)
+    torch.manual_seed(0)
+    model = TCAE(TCAEConfig(image_size=64, width=0.125, embed_dim=8, backend="grid_sample"))
+    report = probe(model, data, held_out=0.25, seed=0, epochs=1)
+    assert report["pose_r2"]["pose_embedding"]["mean"] > 0.99  # the pose, read back from the embedding
+    assert report["pose_r2"]["au_embedding"]["mean"] < 0.5  # a random encoder's embedding does not hold it
+
+
+def test_probe_refuses_a_model_with_nan_weights(data, tmp_path):
+    torch.manual_seed(0)
+    model = TCAE(TCAEConfig(image_size=64, width=0.125, embed_dim=8, backend="grid_sample"))
+    with torch.no_grad():
+        model.encoder.trunk[0][0].weight[0, 0, 0, 0] = math.nan
+    with pytest.raises(NonFiniteModelError, match=r"non-finite \(NaN or inf\) weights in 1 tensors, first "
+                                                  r"\['encoder.trunk.0.0.weight'\]"):
+        probe(model, data, held_out=1, epochs=1)
+
+
+def test_probe_counts_unreadable_frames(data, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    for frame in sorted(root.rglob("*.png"))[:3]:
+        frame.write_bytes(b"not a png")
+    torch.manual_seed(0)
+    model = TCAE(TCAEConfig(image_size=64, width=0.125, embed_dim=8, backend="grid_sample"))
+    with pytest.warns(RuntimeWarning, match="unreadable frame"):
+        report = probe(model, root, held_out=1, seed=0, epochs=1)
+    assert report["skipped_frames"] == 3
+    assert "3 unreadable frames skipped" in format_report(report)
 
 
 def test_probe_checkpoint_uses_the_runs_split(data, tmp_path):

@@ -6,10 +6,12 @@ elsewhere; the Triton interpreter would make every step seconds long).
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,6 +30,8 @@ import tcae.train as train_module
 from tcae.checkpoint import CheckpointError, check_compatible, load_checkpoint, load_model, save_checkpoint
 from tcae.batches import GlobalBatches
 from tcae.config import TrainConfig, workers_and_threads
+from tcae.errors import ConfigError, DataError
+from tcae.frames import _decoder
 from tcae.model import TCAE, TCAEConfig
 from tcae.monitor import NonFiniteLossError, Progress
 from tcae.panels import COLUMNS, flow_to_rgb, make_panel
@@ -55,6 +59,12 @@ def tiny(data: Path, out: Path, **changes) -> TrainConfig:
                     log_every=1, val_every=2, val_batches=1, panel_every=0, ckpt_every=2, num_workers=0, threads=1,
                     tensorboard=False)
     return TrainConfig(**{**settings, **changes})
+
+
+def load_image_array(path: Path) -> np.ndarray:
+    image = _decoder()(path)
+    assert image is not None, f"{path} does not decode"
+    return image
 
 
 def metrics(out: Path) -> list[dict]:
@@ -158,7 +168,7 @@ def test_failed_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         save_checkpoint(path, {"step": 2, "weights": torch.zeros(10_000)})
     monkeypatch.undo()
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, keys=())
     assert state["step"] == 1 and torch.equal(state["weights"], torch.arange(4.0))
     assert list(tmp_path.iterdir()) == [path]
 
@@ -175,11 +185,11 @@ def test_kill_during_write_leaves_previous_checkpoint(tmp_path):
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True)
     assert result.returncode == -signal.SIGKILL
-    assert load_checkpoint(path)["step"] == 1
+    assert load_checkpoint(path, keys=())["step"] == 1
     stale = path.with_name("checkpoint.pt.tmp")
     assert stale.exists()  # the next save overwrites it
     save_checkpoint(path, {"step": 3})
-    assert load_checkpoint(path)["step"] == 3 and not stale.exists()
+    assert load_checkpoint(path, keys=())["step"] == 3 and not stale.exists()
 
 
 def test_non_finite_loss_stops_with_diagnostic(data, tmp_path, monkeypatch):
@@ -213,8 +223,9 @@ def test_panels_and_metrics(data, tmp_path):
     out = tmp_path / "run"
     _, summary = train(tiny(data, out, steps=2, panel_every=1, panel_samples=3))
     assert [Path(p).name for p in summary["panels"]] == ["step_000001.png", "step_000002.png"]
-    png = Path(summary["panels"][-1]).read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # A picture: decodable, one row per sample of eight columns (wider than tall), not blank.
+    image = load_image_array(Path(summary["panels"][-1]))
+    assert image.shape[1] > 2 * image.shape[0] and image.std() > 10
     records = metrics(out)
     steps = [r for r in records if "recon" in r]
     assert [r["step"] for r in steps] == [1, 2]
@@ -269,25 +280,23 @@ def test_global_batches_shard_and_resume():
 
 
 def test_config_from_file_and_flags(tmp_path):
-    import argparse
-
     parser = argparse.ArgumentParser()
-    train_module.add_config_arguments(parser)
+    config_module.add_config_arguments(parser)
     toml = tmp_path / "run.toml"
     toml.write_text('data = "faces"\nimage_size = 128\noptimizer = "adam"\ncurriculum = false\n')
-    config = train_module.config_from_args(parser.parse_args(["--config", str(toml), "--image-size", "64"]))
+    config = config_module.config_from_args(parser.parse_args(["--config", str(toml), "--image-size", "64"]))
     assert (config.data, config.model.image_size, config.optimizer, config.curriculum) == ("faces", 64, "adam", False)
     assert (config.batch_size, config.lr, config.momentum) == (64, 1e-3, 0.9)  # SPEC defaults
     assert config.recipe == "faithful"
     # The model's fields nest; padding and in_channels are reachable from the command line.
-    config = train_module.config_from_args(parser.parse_args(["--padding", "zeros", "--in-channels", "1",
+    config = config_module.config_from_args(parser.parse_args(["--padding", "zeros", "--in-channels", "1",
                                                               "--recipe", "fast", "--lr", "5e-4"]))
     assert (config.model.padding, config.model.in_channels) == ("zeros", 1)
     assert (config.recipe, config.optimizer, config.lr) == ("fast", "adam", 5e-4)  # flags beat the recipe
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"image_size": 64, "learning_rate": 1}))
     with pytest.raises(ValueError, match="learning_rate"):
-        train_module.config_from_args(parser.parse_args(["--config", str(bad)]))
+        config_module.config_from_args(parser.parse_args(["--config", str(bad)]))
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig(optimizer="rmsprop")
 
@@ -338,12 +347,168 @@ def test_ddp_replicas_stay_identical(data, tmp_path):
     assert [p.name for p in (out / "panels").iterdir()] == ["step_000003.png"]
 
 
-def test_resume_on_finished_run_is_a_no_op(data, trained, tmp_path):
+def test_resume_on_finished_run_is_a_no_op(data, trained, tmp_path, capsys):
     out = tmp_path / "copy"
     out.mkdir()
     shutil.copy(trained, out / "checkpoint.pt")
-    _, summary = train(tiny(data, out, steps=2), resume="")
-    assert summary["steps"] == 2
+    shutil.copy(trained.parent / "metrics.jsonl", out / "metrics.jsonl")
+    model, summary = train(tiny(data, out, steps=2), resume="")
+    assert "nothing to do: the run already reached step 2" in capsys.readouterr().out
+    assert summary["steps"] == 2 and "nothing to do" in summary["note"]
+    # Nothing trained, nothing written: the files are byte for byte the finished run's.
+    assert (out / "checkpoint.pt").read_bytes() == trained.read_bytes()
+    assert (out / "metrics.jsonl").read_bytes() == (trained.parent / "metrics.jsonl").read_bytes()
+    assert not (out / "config.json").exists()
+    saved = load_checkpoint(trained)["model"]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("grad_clip", -1.0, "grad_clip must be at least 0 (0 = no clipping), got -1.0"),
+    ("min_lr_ratio", -3.0, "min_lr_ratio must be in [0, 1]"),
+    ("momentum", 5.0, "momentum must be in [0, 1)"),
+    ("lr", 0.0, "lr must be positive, got 0.0"),
+    ("threads", 100_000, "threads must be in [0, 1024]"),
+    ("jitter", "false", "jitter must be true or false, got 'false' (str)"),
+    ("steps", 2.5, "steps must be an integer, got 2.5 (float)"),
+    ("model", {"width": "0.25"}, "width must be a number, got '0.25' (str)"),
+    ("model", {"width": -1.0}, "width must be in (0, 16.0], got -1.0"),
+])
+def test_settings_are_checked_at_the_door(setting, value, message):
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(**{setting: value})
+    assert message in str(e.value)
+
+
+def test_config_file_values_are_checked(tmp_path):
+    parser = argparse.ArgumentParser()
+    config_module.add_config_arguments(parser)
+    for values, message in [({"deterministic": "false"}, "unknown settings ['deterministic']"),
+                            ({"curriculum": "false"}, "curriculum must be true or false, got 'false'"),
+                            ({"width": "0.25"}, "width must be a number, got '0.25'"),
+                            ({"model": {"image_size": 64.0}}, "image_size must be an integer, got 64.0"),
+                            ([1, 2], "must hold a table of settings")]:
+        path = tmp_path / "run.json"
+        path.write_text(json.dumps(values))
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            config_module.config_from_args(parser.parse_args(["--config", str(path)]))
+    path.write_text('{"lr": 1e-3,')
+    with pytest.raises(ConfigError, match=f"config file {re.escape(str(path))} cannot be read"):
+        config_module.config_from_args(parser.parse_args(["--config", str(path)]))
+    # An integer where a number is due is a number.
+    path.write_text(json.dumps({"lr": 1, "width": 1}))
+    config = config_module.config_from_args(parser.parse_args(["--config", str(path)]))
+    assert (config.lr, config.model.width) == (1.0, 1.0) and type(config.lr) is float
+
+
+def test_a_run_folder_has_one_writer(data, tmp_path):
+    from tcae.rundir import LOCK_NAME, RunLock, RunLockedError
+
+    out = tmp_path / "run"
+    with RunLock(out), pytest.raises(RunLockedError, match=f"in use by another run \\(PID {os.getpid()}\\)"):
+        train(tiny(data, out, steps=1))
+    assert not (out / "metrics.jsonl").exists()
+    # A lock left by a process that died (its PID, no flock held) is taken over with a warning.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / LOCK_NAME).write_text(f"{dead.pid}\n")
+    with pytest.warns(RuntimeWarning, match=f"taking over the lock of PID {dead.pid}"):
+        _, summary = train(tiny(data, out, steps=1))
+    assert summary["steps"] == 1 and load_checkpoint(out / "checkpoint.pt")["step"] == 1
+    assert (out / LOCK_NAME).read_text() == ""  # released
+
+
+def test_resume_drops_a_torn_last_metrics_line(data, trained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained.parent, out)
+    log = out / "metrics.jsonl"
+    whole = log.read_text()
+    log.write_text(whole + '{"step": 3, "recon": 0.0')  # a run killed in the middle of a line
+    with pytest.warns(RuntimeWarning, match=f"{re.escape(str(log))}: dropping its last line"):
+        train(tiny(data, out, steps=3), resume="")
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert log.read_text().startswith(whole) and records[-1]["step"] == 3
+    # Garbage before the last line is not guessed at: the error names the file and line.
+    lines = whole.splitlines()
+    log.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    with pytest.raises(DataError, match=f"{re.escape(str(log))} line 2 is not a metrics record"):
+        train(tiny(data, out, steps=4), resume="")
+
+
+def test_checkpoint_refusals_name_the_file(trained, tmp_path):
+    folder = trained.parent
+    with pytest.raises(CheckpointError, match=f"is a folder, not a checkpoint file; its checkpoint is {trained}"):
+        load_checkpoint(folder)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "absent.pt")
+    state = load_checkpoint(trained)
+    # A checkpoint carrying a pickled object: refused, never loaded with full pickle.
+    pickled = tmp_path / "pickled.pt"
+    save_checkpoint(pickled, {**state, "extra": argparse.Namespace(x=1)})
+    with pytest.raises(CheckpointError, match="objects other than tensors") as e:
+        load_checkpoint(pickled)
+    assert "weights_only" not in str(e.value)
+    incomplete = tmp_path / "incomplete.pt"
+    save_checkpoint(incomplete, {k: v for k, v in state.items() if k not in ("optimizer", "rng")})
+    load_model(incomplete)  # the model alone is there
+    with pytest.raises(CheckpointError, match="lacks optimizer, rng"):
+        load_checkpoint(incomplete, keys=checkpoint_module.TRAINING_KEYS)
+    wrong = tmp_path / "wrong.pt"
+    save_checkpoint(wrong, {**state, "model": {k: v for k, v in state["model"].items() if "trunk" not in k}})
+    with pytest.raises(CheckpointError, match="weights do not fit the model"):
+        load_model(wrong)
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_one(data, tmp_path, monkeypatch):
+    real_save = train_module.save_checkpoint
+
+    def disk_full_at_4(path, state):
+        if state["step"] == 4:
+            raise OSError(28, "No space left on device")
+        return real_save(path, state)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", disk_full_at_4)
+    out = tmp_path / "run"
+    with pytest.raises(CheckpointError) as e:
+        train(tiny(data, out))
+    assert str(e.value) == (f"cannot write the step-4 checkpoint {out / 'checkpoint.pt'}: No space left on device; "
+                            f"the previous checkpoint {out / 'checkpoint.pt'} (step 2) is intact")
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 2
+
+
+def test_unreadable_frames_are_counted_across_loader_workers(data, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    for frame in (root / "id0000" / "vid00" / "track0").glob("*.png"):  # all 6: the first pair finds them all
+        frame.write_bytes(b"not a png")
+    (root / "id0001" / "vid00" / "track0" / "999998.png").mkdir()  # named like a frame, not one
+    (root / "id0001" / "vid00" / "track0" / "999999.png").symlink_to(tmp_path / "gone.png")
+    out = tmp_path / "run"
+    # One loader worker process: its skips reach the training process through the items.
+    with pytest.warns(RuntimeWarning, match="named like a frame but a broken link"):
+        _, summary = train(tiny(data=root, out=out, steps=3, num_workers=1, held_out=0.0, val_every=-1,
+                                pairs_per_identity=40))
+    assert summary["skipped_frames"] == 6 + 2
+    logged = [r["skipped_frames"] for r in metrics(out) if "recon" in r]
+    assert logged[-1] == 6 + 2 and logged == sorted(logged)
+    last = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")][-1]
+    assert last.startswith("step 3/3 ") and "| 8 unreadable frames skipped" in last
+
+
+def test_every_frame_unreadable_is_one_clear_error(data, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    for frame in root.rglob("*.png"):
+        frame.write_bytes(b"not a png")
+    with pytest.warns(RuntimeWarning), pytest.raises(DataError, match="has two readable frames: .* unreadable"):
+        train(tiny(data=root, out=tmp_path / "run", panel_every=0))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_refused(data, tmp_path):
+    with pytest.raises(ConfigError, match="device cuda asked for, but"):
+        train(tiny(data, tmp_path / "run", device="cuda"))
 
 
 def test_eta_counts_wall_clock_since_the_start(monkeypatch):
