@@ -1,15 +1,20 @@
-"""The 3-D warp's kernels and fallback against the float64 reference (SPEC sections 1-4 in 3-D)."""
+"""The 3-D warp's kernels, eager fallback and compiled CPU loops against the float64 reference
+(SPEC sections 1-4 in 3-D)."""
 
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
 import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tcae_kernels import flow_warp3d, warp3d
+from conftest import fallback_on_cpu
+from tcae_kernels import cpu, cpu3d, flow_warp3d, warp3d
 from tcae_kernels.reference import warp3d_naive
 from tcae_kernels.testing import TOLERANCES as TOL
 from tcae_kernels.testing import make_disp, rel_err
@@ -17,6 +22,25 @@ from tcae_kernels.testing import make_disp, rel_err
 PADDINGS = ["zeros", "border"]
 # src [B, C, D_in, H_in, W_in] and output size (D, H, W): odd sizes, src size ≠ output size.
 SRC, OUT = (2, 3, 4, 5, 6), (3, 5, 7)
+
+
+@pytest.fixture(params=["kernels", "fallback", "numba"])
+def impl(request):
+    """{flow: the warp, "name": its name} through the Triton kernels (interpreter), the PyTorch fallback, or the
+    compiled CPU loops (called directly: under the interpreter the op dispatches to Triton)."""
+    if request.param == "numba":
+        if not cpu.available():
+            pytest.skip("numba is not installed")
+
+        def numba_warp(flow):
+            return lambda s, d, padding="zeros", deterministic=None: cpu3d.warp3d(s, d, padding, flow)
+
+        yield {False: numba_warp(False), True: numba_warp(True), "name": request.param}
+    elif request.param == "fallback":
+        with fallback_on_cpu():
+            yield {False: warp3d, True: flow_warp3d, "name": request.param}
+    else:
+        yield {False: warp3d, True: flow_warp3d, "name": request.param}
 
 
 def seeded(*key) -> torch.Generator:
@@ -46,10 +70,10 @@ def run(fn, src, disp, padding, grad_out, **kwargs):
     return out.detach(), s.grad, d.grad
 
 
-def check(src, disp, padding, gen, flow=False):
+def check(impl, src, disp, padding, gen, flow=False):
     out_shape = (src.shape[0], src.shape[1], *disp.shape[2:])
     grad_out = torch.randn(out_shape, generator=gen, dtype=torch.float64).to(src.dtype)
-    out, gs, gd = run(flow_warp3d if flow else warp3d, src, disp, padding, grad_out)
+    out, gs, gd = run(impl[flow], src, disp, padding, grad_out)
     ref, ref_gs, ref_gd = reference(src, disp, padding, grad_out, flow)
     tol_fwd, tol_grad = TOL[src.dtype]
     assert out.dtype == src.dtype and out.shape == ref.shape
@@ -69,27 +93,26 @@ def inputs(key, dtype=torch.float32, kind="large"):
 
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("kind", ["small", "large", "integer", "half_integer", "far"])
-def test_matches_reference(path, padding, kind):
-    src, disp, gen = inputs((path, padding, kind), kind=kind)
-    check(src, disp, padding, gen)
+def test_matches_reference(impl, padding, kind):
+    src, disp, gen = inputs((impl["name"], padding, kind), kind=kind)
+    check(impl, src, disp, padding, gen)
 
 
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
-def test_dtypes_match_reference(path, padding, dtype):
-    src, disp, gen = inputs((path, padding, str(dtype)), dtype)
-    check(src, disp, padding, gen)
+def test_dtypes_match_reference(impl, padding, dtype):
+    src, disp, gen = inputs((impl["name"], padding, str(dtype)), dtype)
+    check(impl, src, disp, padding, gen)
 
 
 @pytest.mark.parametrize("padding", PADDINGS)
-def test_flow_is_the_negated_displacement(path, padding):
+def test_flow_is_the_negated_displacement(impl, padding):
     """flow_warp3d samples at x + flow: warp3d_naive at −flow, gradients negated."""
-    src, flow, gen = inputs((path, padding, "flow"))
-    check(src, flow, padding, gen, flow=True)
+    src, flow, gen = inputs((impl["name"], padding, "flow"))
+    check(impl, src, flow, padding, gen, flow=True)
 
 
-@pytest.mark.parametrize("layout", ["ncdhw", "channels_last_3d"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout,dtype", [("ncdhw", torch.float32), ("channels_last_3d", torch.bfloat16)])
 def test_gpu_launch_configuration(monkeypatch, layout, dtype):
     """The GPU's tiles (one row per program, GPU block sizes) under the interpreter,
     in both layouts (channels_last_3d runs channel tiles)."""
@@ -97,23 +120,23 @@ def test_gpu_launch_configuration(monkeypatch, layout, dtype):
     src, disp, gen = inputs((layout, str(dtype)), dtype)
     if layout == "channels_last_3d":
         src = src.contiguous(memory_format=torch.channels_last_3d)
-    check(src, disp, "border", gen)
+    check({False: warp3d}, src, disp, "border", gen)
 
 
-def test_channels_last_3d_result_and_strided_inputs(path):
-    src, disp, gen = inputs(("strided", path))
+def test_channels_last_3d_result_and_strided_inputs(impl):
+    src, disp, gen = inputs(("strided", impl["name"]))
     grad_out = torch.randn(SRC[:2] + OUT, generator=gen)
-    ref = run(warp3d, src, disp, "zeros", grad_out)
+    ref = run(impl[False], src, disp, "zeros", grad_out)
     s = src.contiguous(memory_format=torch.channels_last_3d)
     d = torch.zeros(SRC[0], 3, *OUT[:2], 2 * OUT[2])[..., ::2]
     d.copy_(disp)
-    got = run(warp3d, s, d, "zeros", grad_out)
+    got = run(impl[False], s, d, "zeros", grad_out)
     for a, b in zip(got, ref):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
     assert got[0].is_contiguous(memory_format=torch.channels_last_3d)
 
 
-def test_border_gate_tested_on_exact_position(path):
+def test_border_gate_tested_on_exact_position(impl):
     """δz = ±2⁻³⁰ puts ẑ a hair inside the border; in float32, z − δz rounds onto it. The gate
     must see the true position: δz keeps its gradient there (as the float64 reference)."""
     src = (torch.arange(2 * 4 * 2 * 2.0).reshape(1, 2, 4, 2, 2)) ** 2  # the slope differs at each edge
@@ -121,22 +144,22 @@ def test_border_gate_tested_on_exact_position(path):
     disp[0, 2, 3] = 2.0**-30  # ẑ = 3 − 2⁻³⁰: just inside the far border
     disp[0, 2, 0] = -(2.0**-30)  # ẑ = 2⁻³⁰: just inside the near border
     grad_out = torch.ones(1, 2, 4, 2, 2)
-    _, _, gd = run(warp3d, src, disp, "border", grad_out)
+    _, _, gd = run(impl[False], src, disp, "border", grad_out)
     _, _, ref_gd = reference(src, disp, "border", grad_out)
     assert (ref_gd[0, 2, 0] != 0).all() and (ref_gd[0, 2, 3] != 0).all()
     assert torch.allclose(gd.double(), ref_gd, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("padding", PADDINGS)
-def test_non_finite_displacement(path, padding):
-    src, disp, gen = inputs(("nan", path, padding), kind="small")
+def test_non_finite_displacement(impl, padding):
+    src, disp, gen = inputs(("nan", impl["name"], padding), kind="small")
     hit = torch.zeros(SRC[0], *OUT, dtype=torch.bool)
     hit[0, 1, 2, 3] = hit[1, 0, 0, 0] = hit[1, 2, 4, 6] = True
     disp[:, 2][hit] = float("nan")  # δz only: the whole voxel is still poisoned
     disp[1, 0, 1, 1, 1] = float("inf")
     hit[1, 1, 1, 1] = True
     grad_out = torch.randn(SRC[:2] + OUT, generator=gen)
-    out, gs, gd = run(warp3d, src, disp, padding, grad_out)
+    out, gs, gd = run(impl[False], src, disp, padding, grad_out)
     assert torch.isnan(out.movedim(1, 0)[:, hit]).all() and torch.isnan(gd.movedim(1, 0)[:, hit]).all()
     assert torch.isfinite(out.movedim(1, 0)[:, ~hit]).all() and torch.isfinite(gs).all()
     # Elsewhere: the reference, where the poisoned voxels send nothing to src.
@@ -147,10 +170,11 @@ def test_non_finite_displacement(path, padding):
     assert rel_err(gd.movedim(1, 0)[:, ~hit], ref_gd.movedim(1, 0)[:, ~hit]) <= 1e-5
 
 
-@pytest.mark.parametrize("fn", [warp3d, flow_warp3d])
+@pytest.mark.parametrize("flow", [False, True])
 @pytest.mark.parametrize("padding", PADDINGS)
-def test_gradcheck(path, fn, padding):
-    gen = seeded("gradcheck", path, fn.__name__, padding)
+def test_gradcheck(impl, flow, padding):
+    gen = seeded("gradcheck", flow, padding)
+    fn = impl[flow]
     src = torch.randn(1, 2, 3, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     # Fractional parts kept away from integers, where the derivative jumps.
     whole = torch.randint(-2, 3, (1, 3, 2, 3, 3), generator=gen).double()
@@ -160,26 +184,26 @@ def test_gradcheck(path, fn, padding):
                                     fast_mode=True)
 
 
-def test_deterministic_src_gradient(path):
+def test_deterministic_src_gradient(impl):
     """Fixed-point accumulation: within SPEC's tolerance, and the same bits on every run."""
-    src, disp, gen = inputs(("det", path), kind="small")
+    src, disp, gen = inputs(("det", impl["name"]), kind="small")
     grad_out = torch.randn(SRC[:2] + OUT, generator=gen)
-    first = run(warp3d, src, disp, "zeros", grad_out, deterministic=True)
-    again = run(warp3d, src, disp, "zeros", grad_out, deterministic=True)
+    first = run(impl[False], src, disp, "zeros", grad_out, deterministic=True)
+    again = run(impl[False], src, disp, "zeros", grad_out, deterministic=True)
     ref = reference(src, disp, "zeros", grad_out)
     assert torch.equal(first[1], again[1])
     assert rel_err(first[1], ref[1]) <= TOL[torch.float32][1]
 
 
-def test_gradients_only_where_required(path):
-    src, disp, _ = inputs(("required", path), kind="small")
+def test_gradients_only_where_required(impl):
+    src, disp, _ = inputs(("required", impl["name"]), kind="small")
     s = src.clone().requires_grad_()
-    warp3d(s, disp).sum().backward()
+    impl[False](s, disp).sum().backward()
     assert s.grad is not None and disp.grad is None
     d = disp.clone().requires_grad_()
-    warp3d(src, d).sum().backward()
+    impl[False](src, d).sum().backward()
     assert d.grad is not None and src.grad is None
-    assert torch.allclose(d.grad, run(warp3d, src, disp, "zeros", torch.ones(SRC[:2] + OUT))[2])
+    assert torch.allclose(d.grad, run(impl[False], src, disp, "zeros", torch.ones(SRC[:2] + OUT))[2])
 
 
 @pytest.mark.parametrize("src_shape,disp_shape", [
@@ -188,10 +212,10 @@ def test_gradients_only_where_required(path):
     ((2, 3, 4, 4, 4), (2, 3, 0, 4, 4)),
     ((2, 3, 0, 4, 4), (2, 3, 3, 3, 3)),
 ])
-def test_empty_sizes(path, src_shape, disp_shape):
+def test_empty_sizes(impl, src_shape, disp_shape):
     src = torch.randn(src_shape, requires_grad=True)
     disp = torch.randn(disp_shape, requires_grad=True)
-    out = warp3d(src, disp)
+    out = impl[False](src, disp)
     assert out.shape == (*src_shape[:2], *disp_shape[2:])
     assert (out == 0).all()  # a source without voxels gives zeros
     out.sum().backward()
@@ -238,3 +262,25 @@ def test_volume_warp_module():
     assert torch.equal(VolumeWarp("border")(src, disp), warp3d(src, disp, "border"))
     assert torch.equal(VolumeWarp(flow=True)(src, disp), flow_warp3d(src, disp))
     assert "flow=True" in repr(VolumeWarp(flow=True))
+
+
+def test_cpu_without_interpreter_runs_compiled_loops_and_exports():
+    """Without the interpreter the op's CPU kernel is the compiled loops (numba; the eager
+    fallback without it), and torch.export sees one node."""
+    script = """
+import torch
+import tcae_kernels as tk
+from tcae_kernels import fallback
+src, disp = torch.randn(1, 2, 3, 4, 5), torch.randn(1, 3, 3, 4, 5)
+assert torch.allclose(tk.flow_warp3d(src, disp), fallback.warp3d_forward(src, disp, "zeros", True, False),
+                      rtol=1e-6, atol=1e-7)
+class M(torch.nn.Module):
+    def forward(self, s, d):
+        return tk.warp3d(s, d, "border")
+graph = torch.export.export(M(), (src, disp)).graph
+print([str(n.target) for n in graph.nodes if str(n.target).startswith("tcae_kernels")])
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "['tcae_kernels.warp3d.default']"

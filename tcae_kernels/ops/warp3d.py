@@ -29,6 +29,7 @@ from .. import fallback
 from ..checks import check_warp3d_args
 from .launch import (
     GradSrc,
+    compiled_cpu,
     define_op,
     empty_like_src,
     grad_out_bound,
@@ -280,9 +281,30 @@ def _backward_fake(grad_out, src, disp, padding, flow, need_src, need_disp, dete
     return grad_src, grad_disp
 
 
-_warp3d_op = define_op("warp3d", _forward, fallback.warp3d_forward, fallback.warp3d_forward, _forward_fake)
+def _cpu_forward(src: torch.Tensor, disp: torch.Tensor, padding: str, flow: bool, deterministic: bool
+                 ) -> torch.Tensor:
+    if compiled_cpu() is None:
+        return fallback.warp3d_forward(src, disp, padding, flow, deterministic)
+    from .. import cpu3d
+
+    return cpu3d.warp3d_forward(src, disp, padding, flow)
+
+
+def _cpu_backward(
+    grad_out: torch.Tensor, src: torch.Tensor, disp: torch.Tensor, padding: str, flow: bool,
+    need_src: bool, need_disp: bool, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if compiled_cpu() is None:
+        return fallback.warp3d_backward(grad_out, src, disp, padding, flow, need_src, need_disp, deterministic)
+    from .. import cpu3d
+
+    grad_src, grad_disp = cpu3d.warp3d_backward(grad_out, src, disp, padding, flow, need_src, need_disp)
+    return or_empty(grad_src, src), or_empty(grad_disp, disp)
+
+
+_warp3d_op = define_op("warp3d", _forward, _cpu_forward, fallback.warp3d_forward, _forward_fake)
 _warp3d_backward_op = define_op(
-    "warp3d_backward", _backward, fallback.warp3d_backward, fallback.warp3d_backward, _backward_fake)
+    "warp3d_backward", _backward, _cpu_backward, fallback.warp3d_backward, _backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
