@@ -5,6 +5,7 @@ Every op samples at x − δ (TCAE's convention), with δ in pixels (voxels in 3
 """
 
 from .fallback import warp_torch
+from .fields import compose, integrate_velocity
 from .ops.launch import implementation
 from .ops.merged_warp import merge_displacements, merged_warp
 from .ops.warp import warp
@@ -20,6 +21,8 @@ __all__ = [
     "warp_l1",
     "warp3d",
     "flow_warp3d",
+    "compose",
+    "integrate_velocity",
     "warp_naive",
     "warp3d_naive",
     "warp_grid_sample",

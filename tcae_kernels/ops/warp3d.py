@@ -57,9 +57,20 @@ if triton is not None:
     )
 
     @triton.jit
-    def _voxel_block(W, H, D, yb_base, b_base, IDX64: tl.constexpr, BLOCK_X: tl.constexpr, ROWS: tl.constexpr):
-        """(b, z, y, x, mask) of this program: the 2-D row block of plane b·D + z."""
-        plane, y, x, mask = row_block(W, H, yb_base, b_base, IDX64, BLOCK_X, ROWS)
+    def _voxel_block(W, H, D, B, yb_base, b_base, IDX64: tl.constexpr, BLOCK_X: tl.constexpr, ROWS: tl.constexpr):
+        """(b, z, y, x, mask) of this program.
+
+        GPUs (ROWS = 1): the 2-D row block of plane b·D + z (grid z), a scalar
+        division per program. The interpreter, which pays per program, takes
+        ROWS rows of the flat range of B·D·H rows (grid y) instead, however
+        small each plane: its divisions are per row.
+        """
+        if ROWS == 1:
+            plane, y, x, mask = row_block(W, H, yb_base, b_base, IDX64, BLOCK_X, ROWS)
+        else:
+            first, row, x, mask = row_block(W, B * D * H, yb_base, b_base, IDX64, BLOCK_X, ROWS)
+            plane = row // H
+            y = row - plane * H
         b = plane // D
         return b, plane - b * D, y, x, mask
 
@@ -120,14 +131,14 @@ if triton is not None:
     @triton.jit
     def _warp3d_fwd_kernel(
         src_ptr, disp_ptr, out_ptr,
-        C, D, H, W, D_in, H_in, W_in, yb_base, b_base,
+        B, C, D, H, W, D_in, H_in, W_in, yb_base, b_base,
         ss_b, ss_c, ss_d, ss_h, ss_w,
         sd_b, sd_c, sd_d, sd_h, sd_w,
         so_b, so_c, so_d, so_h, so_w,
         BORDER: tl.constexpr, FLOW: tl.constexpr, F64: tl.constexpr, IDX64: tl.constexpr,
         BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
     ):
-        b, z, y, x, pmask = _voxel_block(W, H, D, yb_base, b_base, IDX64, BLOCK_X, ROWS)
+        b, z, y, x, pmask = _voxel_block(W, H, D, B, yb_base, b_base, IDX64, BLOCK_X, ROWS)
         dx, dy, dz = _load_field(disp_ptr, b * sd_b + z * sd_d + y * sd_h + x * sd_w, sd_c, pmask, FLOW, F64)
         (finite, x0, y0, z0, ax, ay, az, gate_x, gate_y, gate_z,
          m000, m001, m010, m011, m100, m101, m110, m111) = _position3d(
@@ -160,7 +171,7 @@ if triton is not None:
     @triton.jit
     def _warp3d_bwd_kernel(
         src_ptr, disp_ptr, gout_ptr, gsrc_ptr, gdisp_ptr, scale_ptr,
-        C, D, H, W, D_in, H_in, W_in, yb_base, b_base,
+        B, C, D, H, W, D_in, H_in, W_in, yb_base, b_base,
         ss_b, ss_c, ss_d, ss_h, ss_w,
         sd_b, sd_c, sd_d, sd_h, sd_w,
         sg_b, sg_c, sg_d, sg_h, sg_w,
@@ -170,7 +181,7 @@ if triton is not None:
         BORDER: tl.constexpr, FLOW: tl.constexpr, F64: tl.constexpr, IDX64: tl.constexpr,
         BLOCK_X: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
     ):
-        b, z, y, x, pmask = _voxel_block(W, H, D, yb_base, b_base, IDX64, BLOCK_X, ROWS)
+        b, z, y, x, pmask = _voxel_block(W, H, D, B, yb_base, b_base, IDX64, BLOCK_X, ROWS)
         dx, dy, dz = _load_field(disp_ptr, b * sd_b + z * sd_d + y * sd_h + x * sd_w, sd_c, pmask, FLOW, F64)
         (finite, x0, y0, z0, ax, ay, az, gate_x, gate_y, gate_z,
          m000, m001, m010, m011, m100, m101, m110, m111) = _position3d(
@@ -228,17 +239,26 @@ if triton is not None:
                      mask=pmask)
 
 
+def _launches(src: torch.Tensor, b: int, d: int, h: int, w: int) -> tuple[list, dict]:
+    """row_launches over B·D planes of H rows; under the interpreter over one plane of all
+    B·D·H rows (see _voxel_block)."""
+    launches, meta = row_launches(src, b * d, h, w)
+    if meta["ROWS"] > 1:
+        return row_launches(src, 1, b * d * h, w)
+    return launches, meta
+
+
 def _forward(src: torch.Tensor, disp: torch.Tensor, padding: str, flow: bool, deterministic: bool) -> torch.Tensor:
     b, c, d_in, h_in, w_in = src.shape
     _, _, d, h, w = disp.shape
     out = empty_like_src(src, (b, c, d, h, w))
     if out.numel() == 0:
         return out
-    launches, meta = row_launches(src, b * d, h, w)
+    launches, meta = _launches(src, b, d, h, w)
     for grid, yb_base, b_base in launches:
         _warp3d_fwd_kernel[grid](
             src, disp, out,
-            c, d, h, w, d_in, h_in, w_in, yb_base, b_base,
+            b, c, d, h, w, d_in, h_in, w_in, yb_base, b_base,
             *src.stride(), *disp.stride(), *out.stride(),
             BORDER=padding == "border", FLOW=flow, F64=src.dtype == torch.float64,
             IDX64=needs_int64(src, disp, out), **meta,
@@ -255,14 +275,14 @@ def _backward(
     gs = GradSrc(src, grad_out_bound(grad_out) if deterministic else None) if need_src else None
     grad_disp = torch.empty_like(disp, memory_format=torch.contiguous_format) if need_disp else None
     if b * d * h * w and (need_src or need_disp):
-        launches, meta = row_launches(src, b * d, h, w)
+        launches, meta = _launches(src, b, d, h, w)
         # src and disp stand in for buffers this launch does not touch.
         gs_buf = gs.buf if gs is not None else src
         gd_buf = grad_disp if grad_disp is not None else disp
         for grid, yb_base, b_base in launches:
             _warp3d_bwd_kernel[grid](
                 src, disp, grad_out, gs_buf, gd_buf, gs.scale if gs is not None else disp,
-                c, d, h, w, d_in, h_in, w_in, yb_base, b_base,
+                b, c, d, h, w, d_in, h_in, w_in, yb_base, b_base,
                 *src.stride(), *disp.stride(), *grad_out.stride(), *gs_buf.stride(), *gd_buf.stride(),
                 NEED_SRC=need_src, NEED_DISP=need_disp, DETERMINISTIC=gs is not None and gs.deterministic,
                 BORDER=padding == "border", FLOW=flow, F64=src.dtype == torch.float64,
