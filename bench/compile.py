@@ -147,7 +147,8 @@ def run_launchers(case: dict) -> list[Launch]:
     """Call the op's real launcher for one case on CPU tensors; return what it launched."""
     op, kind, need, det = case["variant"]
     src_dtype, disp_dtype = DTYPES[case["dtype"]]
-    b, c, h, w = case["shape"]
+    b, c, *size = case["shape"]  # (B, C, H, W), or (B, C, D, H, W) for the 3-D ops (the static profile's)
+    h, w = size[-2:]
     src = _tensor((b, c, h, w), src_dtype, case["layout"])
     disp = _tensor((b, 2, h, w), disp_dtype)
     out_like = _tensor((b, c, h, w), src_dtype, case["layout"])
@@ -156,12 +157,13 @@ def run_launchers(case: dict) -> list[Launch]:
     with recording() as launches, _force_int64(case["idx64"]):
         if op in ("warp3d", "flow_warp3d"):
             flow = op == "flow_warp3d"
-            vol = _tensor((b, c, DEPTH, h, w), src_dtype, case["layout"])
-            field = _tensor((b, 3, DEPTH, h, w), disp_dtype)
+            d = size[0] if len(size) == 3 else DEPTH
+            vol = _tensor((b, c, d, h, w), src_dtype, case["layout"])
+            field = _tensor((b, 3, d, h, w), disp_dtype)
             if kind == "fwd":
                 module._forward(vol, field, padding, flow, False)
             else:
-                module._backward(_tensor((b, c, DEPTH, h, w), src_dtype, case["layout"]), vol, field, padding,
+                module._backward(_tensor((b, c, d, h, w), src_dtype, case["layout"]), vol, field, padding,
                                  flow, *need, det)
         elif op == "warp":
             if kind == "fwd":
