@@ -26,12 +26,24 @@ from .ops.launch import memory_format_of
 if cpu.numba is not None:
     from .cpu import _axis, _bounds, _jit
 
+    @_jit(inline="always")
+    def _side(i0, a, n, f, stride, one):
+        """One axis's two neighbours i0, i0 + 1: clamped offsets, weights and slopes (0 outside src)."""
+        zero = one - one
+        v0 = i0 >= 0 and i0 < n and f
+        v1 = i0 >= -1 and i0 < n - 1 and f
+        return (
+            np.uint64(min(max(i0, 0), n - 1)) * stride, np.uint64(min(max(i0 + 1, 0), n - 1)) * stride,
+            one - a if v0 else zero, a if v1 else zero, -one if v0 else zero, one if v1 else zero,
+        )
+
     @_jit
-    def _row(dsp, dbase, nvox, sgn, yf, zf, sizes, ss, border, off, wts, slope, flags):
+    def _row(dsp, dbase, nvox, sgn, yf, zf, sizes, ss, border, off, wts, slope, flags, need_slope):
         """The row scratch of output row (z, y): for voxel x, off[k, x] (the offset in src of
         neighbour k = 4·jz + 2·jy + jx, clamped), wts[k, x] (0 outside src or at a
         non-finite δ), slope[3·k + axis, x] (∂weight/∂position), flags[axis, x] (gates)
-        and flags[3, x] (finite). δ of voxel x is sgn·dsp[dbase + a·nvox + x], a = 0, 1, 2."""
+        and flags[3, x] (finite). δ of voxel x is sgn·dsp[dbase + a·nvox + x], a = 0, 1, 2.
+        Slopes only when need_slope (∂L/∂δ)."""
         d_in, h_in, w_in = sizes[5], sizes[6], sizes[7]
         t = dsp.dtype.type
         one = t(1)
@@ -39,12 +51,7 @@ if cpu.numba is not None:
         lo_x, hi_x = _bounds(t(w_in), border, one)
         lo_y, hi_y = _bounds(t(h_in), border, one)
         lo_z, hi_z = _bounds(t(d_in), border, one)
-        ins = (w_in, h_in, d_in)
-        us = (np.uint64(ss[4]), np.uint64(ss[3]), np.uint64(ss[2]))
-        # Per axis and side (left, right): clamped offset, weight, slope.
-        o = np.empty((3, 2), np.uint64)
-        wt = np.empty((3, 2), dsp.dtype)
-        sl = np.empty((3, 2), dsp.dtype)
+        us_d, us_h, us_w = np.uint64(ss[2]), np.uint64(ss[3]), np.uint64(ss[4])
         for x in range(off.shape[1]):
             xf = t(x)
             dx = sgn * dsp[dbase + x]
@@ -59,25 +66,26 @@ if cpu.numba is not None:
             flags[1, x] = gy
             flags[2, x] = gz
             flags[3, x] = f
-            i0 = (x0, y0, z0)
-            a = (ax, ay, az)
-            for m in range(3):
-                n = ins[m]
-                v0 = i0[m] >= 0 and i0[m] < n and f
-                v1 = i0[m] >= -1 and i0[m] < n - 1 and f
-                o[m, 0] = np.uint64(min(max(i0[m], 0), n - 1)) * us[m]
-                o[m, 1] = np.uint64(min(max(i0[m] + 1, 0), n - 1)) * us[m]
-                wt[m, 0] = one - a[m] if v0 else zero
-                wt[m, 1] = a[m] if v1 else zero
-                sl[m, 0] = -one if v0 else zero
-                sl[m, 1] = one if v1 else zero
+            ox0, ox1, wx0, wx1, sx0, sx1 = _side(x0, ax, w_in, f, us_w, one)
+            oy0, oy1, wy0, wy1, sy0, sy1 = _side(y0, ay, h_in, f, us_h, one)
+            oz0, oz1, wz0, wz1, sz0, sz1 = _side(z0, az, d_in, f, us_d, one)
+            oz = (oz0, oz0, oz0, oz0, oz1, oz1, oz1, oz1)
+            oy = (oy0, oy0, oy1, oy1, oy0, oy0, oy1, oy1)
+            ox = (ox0, ox1, ox0, ox1, ox0, ox1, ox0, ox1)
+            wz = (wz0, wz0, wz0, wz0, wz1, wz1, wz1, wz1)
+            wy = (wy0, wy0, wy1, wy1, wy0, wy0, wy1, wy1)
+            wx = (wx0, wx1, wx0, wx1, wx0, wx1, wx0, wx1)
             for k in range(8):
-                jx, jy, jz = k & 1, (k >> 1) & 1, k >> 2
-                off[k, x] = o[2, jz] + o[1, jy] + o[0, jx]
-                wts[k, x] = wt[2, jz] * wt[1, jy] * wt[0, jx]
-                slope[3 * k, x] = wt[2, jz] * wt[1, jy] * sl[0, jx]
-                slope[3 * k + 1, x] = wt[2, jz] * sl[1, jy] * wt[0, jx]
-                slope[3 * k + 2, x] = sl[2, jz] * wt[1, jy] * wt[0, jx]
+                off[k, x] = oz[k] + oy[k] + ox[k]
+                wts[k, x] = wz[k] * wy[k] * wx[k]
+            if need_slope:
+                sz = (sz0, sz0, sz0, sz0, sz1, sz1, sz1, sz1)
+                sy = (sy0, sy0, sy1, sy1, sy0, sy0, sy1, sy1)
+                sx = (sx0, sx1, sx0, sx1, sx0, sx1, sx0, sx1)
+                for k in range(8):
+                    slope[3 * k, x] = wz[k] * wy[k] * sx[k]
+                    slope[3 * k + 1, x] = wz[k] * sy[k] * wx[k]
+                    slope[3 * k + 2, x] = sz[k] * wy[k] * wx[k]
 
     @_jit(inline="always")
     def _scratch(w, like):
@@ -95,7 +103,7 @@ if cpu.numba is not None:
             b, z = p // d, p % d
             for y in range(h):
                 _row(dsp, (b * 3 * d + z) * h * w + y * w, nvox, sgn, t(y), t(z), sizes, ss, border,
-                     off, wts, slope, flags)
+                     off, wts, slope, flags, False)
                 for c in range(c_):
                     base = np.uint64(b * ss[0] + c * ss[1])
                     ob = b * so[0] + c * so[1] + z * so[2] + y * so[3]
@@ -117,7 +125,7 @@ if cpu.numba is not None:
             b, z = p // d, p % d
             for y in range(h):
                 dbase = (b * 3 * d + z) * h * w + y * w
-                _row(dsp, dbase, nvox, sgn, t(y), t(z), sizes, ss, border, off, wts, slope, flags)
+                _row(dsp, dbase, nvox, sgn, t(y), t(z), sizes, ss, border, off, wts, slope, flags, True)
                 sums[:] = 0
                 for c in range(c_):
                     base = np.uint64(b * ss[0] + c * ss[1])
@@ -154,7 +162,7 @@ if cpu.numba is not None:
             for z in range(d):
                 for y in range(h):
                     _row(dsp, (b * 3 * d + z) * h * w + y * w, nvox, sgn, t(y), t(z), sizes, ss, border,
-                         off, wts, slope, flags)
+                         off, wts, slope, flags, False)
                     for c in range(c0, c1):
                         base = np.uint64(b * ss[0] + c * ss[1])
                         gb = b * sg[0] + c * sg[1] + z * sg[2] + y * sg[3]
