@@ -54,11 +54,11 @@ def make_disp3d(kind: str, b: int, size: tuple[int, int, int], dtype: torch.dtyp
 
 
 def reference(src, disp, padding, grad_out, flow=False):
-    """Forward and both gradients of warp3d_naive in float64 (at x + disp when ``flow``)."""
-    s = src.detach().double().requires_grad_()
-    d = disp.detach().double().requires_grad_()
+    """Forward and both gradients of warp3d_naive in float64 on the CPU (at x + disp when ``flow``)."""
+    s = src.detach().cpu().double().requires_grad_()
+    d = disp.detach().cpu().double().requires_grad_()
     out = warp3d_naive(s, -d if flow else d, padding)
-    out.backward(grad_out.double())
+    out.backward(grad_out.cpu().double())
     return out.detach(), s.grad, d.grad
 
 
@@ -72,8 +72,8 @@ def run(fn, src, disp, padding, grad_out, **kwargs):
 
 def check(impl, src, disp, padding, gen, flow=False):
     out_shape = (src.shape[0], src.shape[1], *disp.shape[2:])
-    grad_out = torch.randn(out_shape, generator=gen, dtype=torch.float64).to(src.dtype)
-    out, gs, gd = run(impl[flow], src, disp, padding, grad_out)
+    grad_out = torch.randn(out_shape, generator=gen, dtype=torch.float64).to(src.dtype).to(src.device)
+    out, gs, gd = (t.cpu() for t in run(impl[flow], src, disp, padding, grad_out))
     ref, ref_gs, ref_gd = reference(src, disp, padding, grad_out, flow)
     tol_fwd, tol_grad = TOL[src.dtype]
     assert out.dtype == src.dtype and out.shape == ref.shape
@@ -121,6 +121,24 @@ def test_gpu_launch_configuration(monkeypatch, layout, dtype):
     if layout == "channels_last_3d":
         src = src.contiguous(memory_format=torch.channels_last_3d)
     check({False: warp3d}, src, disp, "border", gen)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("layout", ["ncdhw", "channels_last_3d"])
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("flow", [False, True])
+def test_cuda_matches_reference(layout, padding, dtype, flow):
+    """The Triton kernels on a GPU (the CPU cases above run them through the interpreter)."""
+    src, disp, gen = inputs(("cuda", layout, padding, str(dtype), flow), dtype)
+    src, disp = src.cuda(), disp.cuda()
+    if layout == "channels_last_3d":
+        src = src.contiguous(memory_format=torch.channels_last_3d)
+    check({False: warp3d, True: flow_warp3d}, src, disp, padding, gen, flow)
+    if dtype == torch.float32:
+        grad_out = torch.randn(SRC[:2] + OUT, device="cuda")
+        first, again = (run(warp3d, src, disp, padding, grad_out, deterministic=True)[1] for _ in range(2))
+        assert torch.equal(first, again)
 
 
 def test_channels_last_3d_result_and_strided_inputs(impl):
