@@ -68,7 +68,7 @@ if triton is not None:
         if ROWS == 1:
             plane, y, x, mask = row_block(W, H, yb_base, b_base, IDX64, BLOCK_X, ROWS)
         else:
-            first, row, x, mask = row_block(W, B * D * H, yb_base, b_base, IDX64, BLOCK_X, ROWS)
+            zero, row, x, mask = row_block(W, B * D * H, yb_base, b_base, IDX64, BLOCK_X, ROWS)  # one plane
             plane = row // H
             y = row - plane * H
         b = plane // D
@@ -92,11 +92,11 @@ if triton is not None:
     def _position3d(z, y, x, dx, dy, dz, D_in, H_in, W_in, pmask, BORDER: tl.constexpr, IDX64: tl.constexpr):
         """Where each voxel samples (see sampling.position, one axis more).
 
-        Returns (finite, x0, y0, z0, ax, ay, az, gate_x, gate_y, gate_z, mYX0, mYX1):
-        (x0, y0, z0) the first neighbour, a* the weights of the far ones; mYX0
-        (mYX1) the four in-bounds masks of plane z0 (z0 + 1), in the order
-        (y0, x0), (y0, x1), (y1, x0), (y1, x1). A non-finite δ samples at the
-        voxel itself; callers overwrite its results with NaN.
+        Returns (finite, x0, y0, z0, ax, ay, az, gate_x, gate_y, gate_z, m000, …, m111):
+        (x0, y0, z0) the first neighbour, a* the weights of the far ones, mZYX
+        whether neighbour (z0 + Z, y0 + Y, x0 + X) lies in src (z-major order).
+        A non-finite δ samples at the voxel itself; callers overwrite its
+        results with NaN.
         """
         xf = x.to(dx.dtype)
         yf = y.to(dy.dtype)
