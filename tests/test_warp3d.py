@@ -302,3 +302,30 @@ print([str(n.target) for n in graph.nodes if str(n.target).startswith("tcae_kern
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "['tcae_kernels.warp3d.default']"
+
+
+def test_64_bit_offset_path(monkeypatch):
+    """The kernels' int64 indexing, forced on small tensors, gives the same results."""
+    src, disp, gen = inputs(("idx64",), kind="large")
+    grad_out = torch.randn(SRC[:2] + OUT, generator=gen)
+    narrow = run(warp3d, src, disp, "border", grad_out)
+    monkeypatch.setattr(importlib.import_module("tcae_kernels.ops.warp3d"), "needs_int64", lambda *t: True)
+    for a, b in zip(run(warp3d, src, disp, "border", grad_out), narrow):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device with 5 GB free")
+def test_past_2_31_elements_cuda():
+    """A [1, 1, S, S, S] float16 volume, S³ > 2**31, sampled in its far corner."""
+    side = 1291
+    src = torch.empty(1, 1, side, side, side, dtype=torch.float16, device="cuda")
+    patch = torch.randn(1, 1, 4, 4, 4, generator=seeded("huge")).half()
+    src[..., -4:, -4:, -4:] = patch.cuda()
+    disp = torch.full((1, 3, 2, 2, 2), -(side - 3.5), device="cuda", requires_grad=True)
+    out = warp3d(src, disp)
+    d = torch.full((1, 3, 2, 2, 2), -0.5, dtype=torch.float64, requires_grad=True)
+    expected = warp3d_naive(patch.double(), d)
+    assert rel_err(out.cpu(), expected) <= 2e-3
+    out.sum().backward()
+    expected.sum().backward()
+    assert rel_err(disp.grad.cpu(), d.grad) <= 5e-3
