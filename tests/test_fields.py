@@ -104,6 +104,16 @@ def test_matches_voxelmorph_vecint(path, ndim):
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
+def test_matches_voxelmorph_composition(path, ndim):
+    """VoxelMorph composes flows (x + f, channels in axis order) "v then u" as u + transform(v, u):
+    ours in x − δ with the channels reversed."""
+    gen = seeded("vm-compose", ndim)
+    u, v = smooth_field(ndim, gen, 2.0), smooth_field(ndim, gen, 2.0)
+    expected = u + voxelmorph_transform(v, u)
+    assert rel_err(-compose(-u.flip(1), -v.flip(1)).flip(1), expected) <= 1e-10
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
 def test_gradients(path, ndim):
     gen = seeded("gradcheck", ndim)
     size = (3, 4) if ndim == 2 else (2, 3, 3)
