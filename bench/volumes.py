@@ -51,7 +51,7 @@ STEPS = 7
 def make_inputs(shape, dtype, device, seed=0):
     """(src, flow in our channel order (x, y, z), grad_out): flow float32, smooth, a few voxels."""
     torch.manual_seed(seed)
-    b, c, d, h, w = shape
+    b, _, d, h, w = shape
     src = torch.randn(shape, device=device).to(dtype)
     coarse = torch.randn(b, 3, max(d // 16, 2), max(h // 16, 2), max(w // 16, 2), device=device)
     flow = F.interpolate(coarse, size=(d, h, w), mode="trilinear", align_corners=False) * FLOW_VOX

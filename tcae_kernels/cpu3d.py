@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import cpu
-from .cpu import _acc, _as, _field, _flat, _none, _parts, _run, _to
+from .cpu import _acc, _as, _field, _flat, _parts, _run, _to
 from .ops.launch import memory_format_of
 
 if cpu.numba is not None:

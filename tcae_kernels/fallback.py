@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from .checks import check_warp3d_args, check_warp_args
+from .checks import check_warp_args
 from .ops.launch import acc_dtype, memory_format_of, or_empty
 
 
