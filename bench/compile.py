@@ -66,13 +66,22 @@ _BACKWARDS = {
     "warp": [(s, d) for s, d in itertools.product((False, True), repeat=2) if s or d],
     "merged_warp": [(s, f) for s, f in itertools.product((False, True), repeat=2) if s or f],
     "warp_l1": [need for need in itertools.product((False, True), repeat=3) if any(need)],
+    "warp3d": [(s, d) for s, d in itertools.product((False, True), repeat=2) if s or d],
 }
 VARIANTS = [(op, "fwd", None, False) for op in _BACKWARDS] + [
     (op, "bwd", need, det)
     for op, needs in _BACKWARDS.items()
     for need in needs
     for det in ((False, True) if need[0] else (False,))  # deterministic concerns ∂L/∂src only
+] + [
+    # The x + flow sign is one constexpr of warp3d's kernels: its forward and full backward.
+    ("flow_warp3d", "fwd", None, False),
+    ("flow_warp3d", "bwd", (True, True), False),
 ]
+# Ops that are another op's kernels with a flag.
+_MODULE_OF = {"flow_warp3d": "warp3d"}
+# A volume's depth, for 3-D ops: (B, C, H, W) shapes become (B, C, DEPTH, H, W).
+DEPTH = 3
 
 
 @dataclass
@@ -107,7 +116,7 @@ def recording() -> Iterator[list[Launch]]:
 
 
 def _ops_module(op: str):
-    return importlib.import_module(f"tcae_kernels.ops.{op}")
+    return importlib.import_module(f"tcae_kernels.ops.{_MODULE_OF.get(op, op)}")
 
 
 @contextlib.contextmanager
@@ -129,21 +138,34 @@ def _force_int64(on: bool) -> Iterator[None]:
 
 def _tensor(shape, dtype, layout="nchw"):
     t = torch.empty(shape, dtype=dtype)
-    return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
+    if layout != "channels_last":
+        return t
+    return t.contiguous(memory_format=torch.channels_last_3d if t.dim() == 5 else torch.channels_last)
 
 
 def run_launchers(case: dict) -> list[Launch]:
     """Call the op's real launcher for one case on CPU tensors; return what it launched."""
     op, kind, need, det = case["variant"]
     src_dtype, disp_dtype = DTYPES[case["dtype"]]
-    b, c, h, w = case["shape"]
+    b, c, *size = case["shape"]  # (B, C, H, W), or (B, C, D, H, W) for the 3-D ops (the static profile's)
+    h, w = size[-2:]
     src = _tensor((b, c, h, w), src_dtype, case["layout"])
     disp = _tensor((b, 2, h, w), disp_dtype)
     out_like = _tensor((b, c, h, w), src_dtype, case["layout"])
     module = _ops_module(op)
     padding = case["padding"]
     with recording() as launches, _force_int64(case["idx64"]):
-        if op == "warp":
+        if op in ("warp3d", "flow_warp3d"):
+            flow = op == "flow_warp3d"
+            d = size[0] if len(size) == 3 else DEPTH
+            vol = _tensor((b, c, d, h, w), src_dtype, case["layout"])
+            field = _tensor((b, 3, d, h, w), disp_dtype)
+            if kind == "fwd":
+                module._forward(vol, field, padding, flow, False)
+            else:
+                module._backward(_tensor((b, c, d, h, w), src_dtype, case["layout"]), vol, field, padding,
+                                 flow, *need, det)
+        elif op == "warp":
             if kind == "fwd":
                 module._forward(src, disp, padding, False)
             else:

@@ -39,6 +39,8 @@ SMS, SCHEDULERS, CLOCK_HZ, DRAM_BPS = 132, 4, 1.98e9, 4.8e12
 
 # name: (B, C, H, W) as in bench's sweep.
 SHAPES = {"train": (64, 3, 256, 256), "feat64": (32, 64, 128, 128)}
+# (B, C, D, H, W) as in bench.volumes: a brain MRI and 3-D feature maps.
+SHAPES_3D = {"brain": (1, 1, 160, 192, 224), "feat3d": (2, 16, 96, 96, 96)}
 DTYPES = ("float32", "bfloat16", "bfloat16+f32disp")
 # (op, direction, needs, deterministic, label)
 VARIANTS = [
@@ -52,6 +54,10 @@ VARIANTS = [
     ("warp_l1", "fwd", None, False, "fwd"),
     ("warp_l1", "bwd", (False, True, False), False, "bwd-disp"),
     ("warp_l1", "bwd", (True, True, True), False, "bwd-all"),
+    ("warp3d", "fwd", None, False, "fwd"),
+    ("warp3d", "bwd", (False, True), False, "bwd-disp"),
+    ("warp3d", "bwd", (True, True), False, "bwd-both"),
+    ("warp3d", "bwd", (True, True), True, "bwd-both-det"),
 ]
 
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
@@ -59,10 +65,11 @@ _BRANCH = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
 
 
 def min_bytes(op: str, direction: str, needs, shape, s: int, d: int) -> int:
-    """SPEC section 5's minimum bytes, extended to the fused ops' extra fields."""
-    b, c, h, w = shape
-    n, m = b * h * w, b * h * w  # the benchmark warps an image onto a grid of its own size
-    fields = 6 if op == "merged_warp" else 2  # δ (2 channels), or δ_a, δ_b and two logits
+    """SPEC section 5's minimum bytes, extended to the fused ops' extra fields and to volumes."""
+    c = shape[1]
+    n = m = math.prod(shape) // c  # the benchmark warps an image (volume) onto a grid of its own size
+    # δ (2 channels; 3 for volumes), or δ_a, δ_b and two logits
+    fields = {"merged_warp": 6, "warp3d": 3}.get(op, 2)
     if direction == "fwd":
         return fields * n * d + m * c * s + n * c * s  # warp_l1: target read instead of out written
     need_src, need_disp = needs[0], needs[1]
@@ -149,13 +156,13 @@ def int_divisions(ptx: str) -> int:
 
 def profile(op, direction, needs, det, label, shape_name, dtype, layout) -> list[dict]:
     """One record per kernel the launcher runs for this case (one, for every op here)."""
-    shape = SHAPES[shape_name]
+    shape = {**SHAPES, **SHAPES_3D}[shape_name]
     case = {"variant": (op, direction, needs, det), "dtype": dtype, "layout": layout, "padding": "zeros",
             "idx64": False, "shape": shape}
     records = []
     for launch in aot.run_launchers(case):
         src_dtype, disp_dtype = aot.DTYPES[dtype]
-        b, c, h, w = shape
+        c = shape[1]
         rec = {"op": op, "variant": label, "kernel": launch.name, "dtype": dtype, "layout": layout,
                "shape": "x".join(map(str, shape)), "C": c}
         try:
@@ -181,7 +188,7 @@ def profile(op, direction, needs, det, label, shape_name, dtype, layout) -> list
             per_tile = len(two["instrs"]) - len(one["instrs"])
             executed = len(one["instrs"]) + (trips - 1) * per_tile
         programs = math.prod(launch.grid)
-        pixels = b * h * w
+        pixels = math.prod(shape) // c  # voxels for volumes
         warp_instr = programs * num_warps * executed
         nbytes = min_bytes(op, direction, needs, shape, src_dtype.itemsize, disp_dtype.itemsize)
         rec.update(
@@ -243,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     for op, direction, needs, det, label in VARIANTS:
         if op not in args.ops:
             continue
-        for shape_name in args.shapes:
+        for shape_name in SHAPES_3D if op == "warp3d" else args.shapes:
             for dtype in DTYPES:
                 for layout in aot.LAYOUTS:
                     records += profile(op, direction, needs, det, label, shape_name, dtype, layout)

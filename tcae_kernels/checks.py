@@ -10,15 +10,15 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_FLOAT32_SIZE = 2**24
 
 
-def check_tensor(name: str, t: object) -> torch.Tensor:
+def check_tensor(name: str, t: object, ndim: int = 4) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOATS:
         raise TypeError(
             f"{name} must be floating point (float16, bfloat16, float32 or float64), got {t.dtype}"
         )
-    if t.dim() != 4:
-        raise ValueError(f"{name} must be 4-D, got {t.dim()}-D with shape {tuple(t.shape)}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got {t.dim()}-D with shape {tuple(t.shape)}")
     return t
 
 
@@ -73,9 +73,28 @@ def check_position_range(src: torch.Tensor, disp: torch.Tensor, disp_name: str =
         if max(t.shape[2:]) > MAX_FLOAT32_SIZE:
             raise ValueError(
                 f"{name} must be at most {MAX_FLOAT32_SIZE} (2**24) pixels along each axis with {src.dtype} src "
-                f"(positions are float32, exact only that far), got {t.shape[2]}×{t.shape[3]}; "
+                f"(positions are float32, exact only that far), got {'×'.join(map(str, t.shape[2:]))}; "
                 "float64 src and disp have no such limit"
             )
+
+
+def check_warp3d_args(src: object, disp: object, padding: object, disp_name: str = "disp") -> str:
+    """The 3-D warp's arguments: src [B, C, D_in, H_in, W_in], disp [B, 3, D, H, W] (SPEC section 4 in 3-D)."""
+    check_tensor("src", src, ndim=5)
+    check_tensor(disp_name, disp, ndim=5)
+    assert isinstance(src, torch.Tensor) and isinstance(disp, torch.Tensor)
+    if disp.shape[1] != 3:
+        raise ValueError(
+            f"{disp_name} must have 3 channels (dx, dy, dz) in dim 1, got shape {tuple(disp.shape)}"
+        )
+    if disp.shape[0] != src.shape[0]:
+        raise ValueError(
+            f"{disp_name} batch size must equal src's ({src.shape[0]}), got {disp.shape[0]}"
+        )
+    if disp.device != src.device:
+        raise ValueError(f"{disp_name} must be on {src.device} (src's device), got {disp.device}")
+    check_disp_dtype(src, disp, disp_name)
+    return check_padding(padding)
 
 
 def check_field(name: str, t: object, src: torch.Tensor, like: torch.Tensor, channels: int) -> None:

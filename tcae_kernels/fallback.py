@@ -19,6 +19,7 @@ cannot batch it).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -267,6 +268,122 @@ def warp_l1_backward(
         or_empty(grad_disp.to(disp.dtype) if need_disp else None, disp),
         or_empty(grad_target, target),
     ]
+
+
+class Neighbours3d(NamedTuple):
+    """Where each output voxel samples, per neighbour in the order (z, y, x) = 000, 001, …, 111.
+
+    index: flat src index [B, P] (P = D·H·W), clamped into src; weight: trilinear
+    weight [B, P], 0 outside src; slope[k]: ∂weight/∂(position along axis k),
+    k = 0, 1, 2 for x̂, ŷ, ẑ; gate[k]: where δ along axis k receives gradient;
+    finite: where δ is finite.
+    """
+
+    index: list[torch.Tensor]
+    weight: list[torch.Tensor]
+    slope: list[list[torch.Tensor]]
+    gate: list[torch.Tensor]
+    finite: torch.Tensor
+
+
+def neighbours3d(disp: torch.Tensor, sizes_in: tuple[int, int, int], padding: str, acc: torch.dtype) -> Neighbours3d:
+    """The eight neighbours of every voxel of disp [B, 3, D, H, W] (x − δ, voxels) in a
+    source of sizes_in = (D_in, H_in, W_in); positions and weights in ``acc``."""
+    b, _, d, h, w = disp.shape
+    d_in, h_in, w_in = sizes_in
+    n = d * h * w
+    dd = disp.to(acc).reshape(b, 3, n)
+    ar = functools.partial(torch.arange, device=disp.device, dtype=acc)
+    coords = (ar(w).repeat(d * h), ar(h).repeat_interleave(w).repeat(d), ar(d).repeat_interleave(h * w))
+    finite = torch.isfinite(dd).all(dim=1)
+    border = padding == "border"
+    idx, valid, wts, gate = [], [], [], []
+    for k, (coord, size) in enumerate(zip(coords, (w_in, h_in, d_in))):
+        coord = coord.expand(b, n)
+        # A non-finite δ samples at its own voxel; its results are overwritten with NaN.
+        i0, a, g = _axis(coord, torch.where(finite, dd[:, k], coord), size, border)
+        i, v, wt = _pair(i0, a, size)
+        idx.append(i)
+        valid.append(v)
+        wts.append(wt)
+        gate.append(g)
+    sign = (-1.0, 1.0)
+    index, weight, slope = [], [], [[], [], []]
+    for jz in range(2):
+        for jy in range(2):
+            for jx in range(2):
+                j = (jx, jy, jz)
+                index.append((idx[2][jz] * h_in + idx[1][jy]) * w_in + idx[0][jx])
+                weight.append(wts[0][jx] * wts[1][jy] * wts[2][jz])
+                for k in range(3):
+                    # The weight is a product over axes; along axis k its factor's slope is ±(in bounds).
+                    factors = [valid[m][j[m]] * sign[j[m]] if m == k else wts[m][j[m]] for m in range(3)]
+                    slope[k].append(factors[0] * factors[1] * factors[2])
+    return Neighbours3d(index, weight, slope, gate, finite)
+
+
+def _warp3d(src: torch.Tensor, disp: torch.Tensor, padding: str) -> torch.Tensor:
+    """The 3-D warp (x − δ) in the arithmetic dtype, [B, C, D, H, W] contiguous."""
+    b, c = src.shape[:2]
+    d, h, w = disp.shape[2:]
+    acc = acc_dtype(src)
+    out = torch.zeros(b, c, d * h * w, dtype=acc, device=src.device)
+    if src.shape[2:].numel() == 0:
+        finite = torch.isfinite(disp).all(dim=1).reshape(b, d * h * w)
+    else:
+        nb = neighbours3d(disp, tuple(src.shape[2:]), padding, acc)
+        flat = src.reshape(b, c, src.shape[2:].numel())
+        for index, weight in zip(nb.index, nb.weight):
+            out += _gather(flat, index, acc) * weight.unsqueeze(1)
+        finite = nb.finite
+    return out.masked_fill(~finite.unsqueeze(1), float("nan")).view(b, c, d, h, w)
+
+
+def warp3d_forward(src: torch.Tensor, disp: torch.Tensor, padding: str, flow: bool, deterministic: bool
+                   ) -> torch.Tensor:
+    """The 3-D warp: sampling at x − disp, or at x + disp when ``flow``."""
+    return _warp3d(src, -disp if flow else disp, padding).to(src.dtype).contiguous(
+        memory_format=memory_format_of(src))
+
+
+def warp3d_backward(
+    grad_out: torch.Tensor, src: torch.Tensor, disp: torch.Tensor, padding: str, flow: bool,
+    need_src: bool, need_disp: bool, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    b, c = src.shape[:2]
+    d, h, w = disp.shape[2:]
+    acc = acc_dtype(src)
+    delta = -disp if flow else disp
+    grad_src = grad_disp = None
+    if src.shape[2:].numel() == 0:
+        if need_src:
+            grad_src = torch.zeros_like(src)
+        if need_disp:
+            finite = torch.isfinite(disp).all(dim=1, keepdim=True)
+            grad_disp = torch.zeros_like(disp).masked_fill(~finite, float("nan"))
+        return or_empty(grad_src, src), or_empty(grad_disp, disp)
+    nb = neighbours3d(delta, tuple(src.shape[2:]), padding, acc)
+    n = d * h * w
+    g = grad_out.reshape(b, c, n).to(acc)
+    if need_src:
+        # Non-finite voxels have no position, so they send nothing to src.
+        g_src = g * nb.finite.unsqueeze(1)
+        flat = torch.zeros(b, c, src.shape[2:].numel(), dtype=acc, device=src.device)
+        for index, weight in zip(nb.index, nb.weight):
+            flat.scatter_add_(2, index.unsqueeze(1).expand(b, c, n), g_src * weight.unsqueeze(1))
+        grad_src = flat.view(src.shape).to(src.dtype).contiguous(memory_format=memory_format_of(src))
+    if need_disp:
+        s = src.reshape(b, c, src.shape[2:].numel())
+        sums = [torch.zeros(b, n, dtype=acc, device=src.device) for _ in range(3)]
+        for j, index in enumerate(nb.index):
+            gv = (g * _gather(s, index, acc)).sum(dim=1)  # Σ_c g·S at this neighbour
+            for k in range(3):
+                sums[k] += gv * nb.slope[k][j]
+        # ∂x̂/∂δ = −1 (x − δ); +1 for a flow (x + f).
+        sign = 1.0 if flow else -1.0
+        gd = sign * torch.stack([sums[k] * nb.gate[k] for k in range(3)], dim=1)
+        grad_disp = gd.masked_fill(~nb.finite.unsqueeze(1), float("nan")).view(b, 3, d, h, w).to(disp.dtype)
+    return or_empty(grad_src, src), or_empty(grad_disp, disp)
 
 
 class _WarpTorch(torch.autograd.Function):

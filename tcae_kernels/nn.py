@@ -7,6 +7,7 @@ from torch import nn
 
 from .checks import check_padding
 from .ops.warp import warp
+from .ops.warp3d import flow_warp3d, warp3d
 
 
 class DisplacementWarp(nn.Module):
@@ -28,3 +29,26 @@ class DisplacementWarp(nn.Module):
 
     def extra_repr(self) -> str:
         return f"padding={self.padding!r}"
+
+
+class VolumeWarp(nn.Module):
+    """``warp3d`` (or, with ``flow=True``, ``flow_warp3d``) as a module (no parameters).
+
+    src: [B, C, D_in, H_in, W_in]; disp: [B, 3, D, H, W] in voxels (channels
+    along W, H, D); returns [B, C, D, H, W], src sampled at x − disp (x + disp
+    with ``flow=True``, VoxelMorph's ``SpatialTransformer`` convention, whose
+    channels run along D, H, W: pass ``flow.flip(1)``).
+    """
+
+    def __init__(self, padding: str = "zeros", flow: bool = False, deterministic: bool | None = None) -> None:
+        super().__init__()
+        self.padding = check_padding(padding)
+        self.flow = flow
+        self.deterministic = deterministic
+
+    def forward(self, src: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
+        fn = flow_warp3d if self.flow else warp3d
+        return fn(src, disp, self.padding, self.deterministic)
+
+    def extra_repr(self) -> str:
+        return f"padding={self.padding!r}, flow={self.flow}"

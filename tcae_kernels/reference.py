@@ -2,6 +2,7 @@
 
 ``warp_naive`` is the oracle: a plain PyTorch gather that reads like the math,
 differentiated by autograd. Run it in float64 to check anything else.
+``warp3d_naive`` is its trilinear counterpart for volumes.
 ``warp_grid_sample`` is the same function the way TCAE's original code and most
 flow-warping code compute it: a normalized grid through ``F.grid_sample``.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .checks import check_warp_args
+from .checks import check_warp3d_args, check_warp_args
 
 
 def _axis(coord: torch.Tensor, d: torch.Tensor, size: int, padding: str):
@@ -98,3 +99,38 @@ def warp_grid_sample(src: torch.Tensor, disp: torch.Tensor, padding: str = "zero
     padding = check_warp_args(src, disp, padding)
     grid = normalized_grid(disp.to(src.dtype), src.shape[2], src.shape[3])
     return F.grid_sample(src, grid, mode="bilinear", padding_mode=padding, align_corners=False)
+
+
+def warp3d_naive(src: torch.Tensor, disp: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
+    """out[b, c, z, y, x] = trilinear sample of src at (x − δx, y − δy, z − δz), in voxels.
+
+    src: [B, C, D_in, H_in, W_in]; disp: [B, 3, D, H, W] (channels δx along W,
+    δy along H, δz along D, voxels); returns [B, C, D, H, W]. The x − δ
+    convention; a VoxelMorph/MONAI flow f (x + f) is disp = −f. Padding and
+    non-finite δ as :func:`warp_naive`. Slow by design.
+    """
+    padding = check_warp3d_args(src, disp, padding)
+    b, c, d_in, h_in, w_in = src.shape
+    _, _, d, h, w = disp.shape
+    disp = disp.to(src.dtype)
+    finite = torch.isfinite(disp).all(dim=1)
+    disp = torch.where(finite.unsqueeze(1), disp, torch.zeros_like(disp))
+    coords = [torch.arange(n, device=disp.device, dtype=disp.dtype) for n in (w, h, d)]
+    shapes = [(1, 1, 1, w), (1, 1, h, 1), (1, d, 1, 1)]
+    axes = [_axis(coord.view(shape), disp[:, k], size, padding)
+            for k, (coord, shape, size) in enumerate(zip(coords, shapes, (w_in, h_in, d_in)))]
+    (x0, ax), (y0, ay), (z0, az) = axes
+    flat = src.reshape(b, c, d_in * h_in * w_in)
+    out = src.new_zeros(b, c, d, h, w)
+    nan = torch.full_like(out, float("nan"))
+    if flat.shape[2] == 0:  # a source without voxels: every neighbour is outside
+        return torch.where(finite.unsqueeze(1), out, nan)
+    for dz, wz in ((0, 1 - az), (1, az)):
+        for dy, wy in ((0, 1 - ay), (1, ay)):
+            for dx, wx in ((0, 1 - ax), (1, ax)):
+                xi, yi, zi = x0 + dx, y0 + dy, z0 + dz
+                inside = (xi >= 0) & (xi < w_in) & (yi >= 0) & (yi < h_in) & (zi >= 0) & (zi < d_in)
+                idx = torch.where(inside, (zi * h_in + yi) * w_in + xi, torch.zeros_like(xi))
+                vals = flat.gather(2, idx.view(b, 1, -1).expand(b, c, -1)).view(b, c, d, h, w)
+                out = out + vals * (wx * wy * wz * inside).unsqueeze(1)
+    return torch.where(finite.unsqueeze(1), out, nan)

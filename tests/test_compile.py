@@ -31,7 +31,7 @@ def test_every_launcher_specialisation_compiles(tmp_path):
     assert {r["target"] for r in records} == {"sm_80", "sm_90", "sm_100", "gfx942"}
     assert {r["kernel"] for r in records} == {
         "_warp_fwd_kernel", "_warp_bwd_kernel", "_merged_fwd_kernel", "_merged_bwd_kernel",
-        "_warp_l1_fwd_kernel", "_warp_l1_bwd_kernel",
+        "_warp_l1_fwd_kernel", "_warp_l1_bwd_kernel", "_warp3d_fwd_kernel", "_warp3d_bwd_kernel",
     }
     assert {r["dtype"] for r in records} >= {"float16", "bfloat16", "float32", "float64", "bfloat16+f32disp"}
     assert {(r["layout"], r["idx64"], r["deterministic"]) for r in records} >= {

@@ -178,9 +178,11 @@ def acc_dtype(src: torch.Tensor) -> torch.dtype:
 
 
 def memory_format_of(src: torch.Tensor) -> torch.memory_format:
-    """channels_last for a channels_last src, else contiguous: the format of every [B, C, H, W] result."""
-    channels_last = src.is_contiguous(memory_format=torch.channels_last) and not src.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
+    """channels_last (channels_last_3d for a 5-D src) for a channels-last src, else contiguous:
+    the format of every [B, C, H, W] (or [B, C, D, H, W]) result."""
+    last = torch.channels_last_3d if src.dim() == 5 else torch.channels_last
+    channels_last = src.is_contiguous(memory_format=last) and not src.is_contiguous()
+    return last if channels_last else torch.contiguous_format
 
 
 def empty_like_src(src: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -264,15 +266,16 @@ class GradSrc:
         """The accumulator as ∂L/∂src in src's dtype."""
         if self.bound is None:
             return self.buf.to(self.src.dtype)
-        s0, s1 = (self.scale[..., k, None, None] for k in (0, 1))
+        spatial = (None,) * (self.src.dim() - 2)  # 2 for images, 3 for volumes
+        s0, s1 = (self.scale[(..., k, *spatial)] for k in (0, 1))
         grad = self.buf.to(acc_dtype(self.src)) / s0 / s1
         # Integers cannot carry NaN or ±Inf: a plane that received one is NaN.
-        return torch.where(torch.isfinite(self.bound)[..., None, None], grad, float("nan")).to(self.src.dtype)
+        return torch.where(torch.isfinite(self.bound)[(..., *spatial)], grad, float("nan")).to(self.src.dtype)
 
 
 def grad_out_bound(grad_out: torch.Tensor) -> torch.Tensor:
-    """Σ|grad_out| over the pixels of each (b, c), [B, C]: what one element of src's plane
-    (b, c) can receive, on grad_out's device (one read of grad_out, no host sync)."""
+    """Σ|grad_out| over the pixels (voxels) of each (b, c), [B, C]: what one element of src's
+    plane (b, c) can receive, on grad_out's device (one read of grad_out, no host sync)."""
     # Half sums would overflow: accumulate in float32 at least.
     dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(grad_out.detach(), ord=1, dim=(2, 3), dtype=dtype)
+    return torch.linalg.vector_norm(grad_out.detach(), ord=1, dim=tuple(range(2, grad_out.dim())), dtype=dtype)
