@@ -327,16 +327,15 @@ def _warp3d(src: torch.Tensor, disp: torch.Tensor, padding: str) -> torch.Tensor
     b, c = src.shape[:2]
     d, h, w = disp.shape[2:]
     acc = acc_dtype(src)
-    out = torch.zeros(b, c, d * h * w, dtype=acc, device=src.device)
     if src.shape[2:].numel() == 0:
+        out = torch.zeros(b, c, d * h * w, dtype=acc, device=src.device)
         finite = torch.isfinite(disp).all(dim=1).reshape(b, d * h * w)
     else:
         nb = neighbours3d(disp, tuple(src.shape[2:]), padding, acc)
         flat = src.reshape(b, c, src.shape[2:].numel())
-        for index, weight in zip(nb.index, nb.weight):
-            out += _gather(flat, index, acc) * weight.unsqueeze(1)
+        out = sum(_gather(flat, index, acc) * weight.unsqueeze(1) for index, weight in zip(nb.index, nb.weight))
         finite = nb.finite
-    return out.masked_fill(~finite.unsqueeze(1), float("nan")).view(b, c, d, h, w)
+    return _nan_where_not_finite(out, finite, disp.reshape(b, 3, d * h * w)).view(b, c, d, h, w)
 
 
 def warp3d_forward(src: torch.Tensor, disp: torch.Tensor, padding: str, flow: bool, deterministic: bool

@@ -85,14 +85,14 @@ def define_op(name: str, kernels: Callable, compiled: Callable, fallback: Callab
 
 
 def saving_inputs(n_tensors: int) -> Callable:
-    """The autograd ``setup_context`` of an op whose first ``n_tensors`` inputs are tensors
-    and whose last two are ``padding`` and ``deterministic``: ctx.saved_tensors holds
-    the tensors, ctx.padding and ctx.deterministic the two, ctx.arguments all the rest."""
+    """The autograd ``setup_context`` of an op whose first ``n_tensors`` inputs are tensors,
+    followed by ``padding``, any flags, and ``deterministic`` last: ctx.saved_tensors holds
+    the tensors, ctx.padding and ctx.deterministic those two, ctx.arguments all the rest."""
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:n_tensors])
         ctx.arguments = tuple(inputs[n_tensors:])
-        ctx.padding, ctx.deterministic = inputs[n_tensors:]
+        ctx.padding, ctx.deterministic = ctx.arguments[0], ctx.arguments[-1]
 
     return setup_context
 
@@ -102,7 +102,7 @@ COMPOSITES: dict[torch.library.CustomOpDef, Callable] = {}
 
 
 def register_autograd(op: torch.library.CustomOpDef, backward: Callable, n_tensors: int, composite: Callable) -> None:
-    """Give ``op`` (tensors first, then ``padding`` and ``deterministic``) its autograd.
+    """Give ``op`` (tensors first, then ``padding``, flags, ``deterministic``) its autograd.
 
     ``backward(ctx, *grads)`` is the first-order rule on the kernels: it
     returns one gradient (or None) per input, with ctx set by

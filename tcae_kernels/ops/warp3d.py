@@ -26,15 +26,17 @@ from __future__ import annotations
 import torch
 
 from .. import fallback
-from ..checks import check_warp3d_args
+from ..checks import check_position_range, check_warp3d_args
 from .launch import (
     GradSrc,
+    call,
     compiled_cpu,
     define_op,
     empty_like_src,
     grad_out_bound,
     needs_int64,
     or_empty,
+    register_autograd,
     resolve_deterministic,
     row_launches,
     triton,
@@ -327,20 +329,16 @@ _warp3d_backward_op = define_op(
     "warp3d_backward", _backward, _cpu_backward, fallback.warp3d_backward, _backward_fake)
 
 
-def _setup_context(ctx, inputs, output):
-    src, disp, ctx.padding, ctx.flow, ctx.deterministic = inputs
-    ctx.save_for_backward(src, disp)
-
-
 def _backward_rule(ctx, grad_out):
     src, disp = ctx.saved_tensors
+    flow = ctx.arguments[1]
     need_src, need_disp = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_src, grad_disp = _warp3d_backward_op(
-        grad_out, src, disp, ctx.padding, ctx.flow, need_src, need_disp, ctx.deterministic)
+        grad_out, src, disp, ctx.padding, flow, need_src, need_disp, ctx.deterministic)
     return (grad_src if need_src else None, grad_disp if need_disp else None, None, None, None)
 
 
-_warp3d_op.register_autograd(_backward_rule, setup_context=_setup_context)
+register_autograd(_warp3d_op, _backward_rule, 2, fallback.warp3d_forward)
 
 
 def warp3d(
@@ -370,7 +368,8 @@ def warp3d(
         voxel, in every channel and in its δ gradient.
     """
     padding = check_warp3d_args(src, disp, padding)
-    return _warp3d_op(src, disp, padding, False, resolve_deterministic(deterministic))
+    check_position_range(src, disp)
+    return call(_warp3d_op, src, disp, padding, False, resolve_deterministic(deterministic))
 
 
 def flow_warp3d(
@@ -385,4 +384,5 @@ def flow_warp3d(
     order (D, H, W): reverse them with ``flow.flip(1)``.
     """
     padding = check_warp3d_args(src, flow, padding, "flow")
-    return _warp3d_op(src, flow, padding, True, resolve_deterministic(deterministic))
+    check_position_range(src, flow, "flow")
+    return call(_warp3d_op, src, flow, padding, True, resolve_deterministic(deterministic))
