@@ -73,6 +73,13 @@ VARIANTS = [(op, "fwd", None, False) for op in _BACKWARDS] + [
     for need in needs
     for det in ((False, True) if need[0] else (False,))  # deterministic concerns ∂L/∂src only
 ]
+# The flow warp (warp's kernels with FLOW on), with and without its validity mask
+# (MASK, the last need); the mask's gradient only matters when δ needs one.
+VARIANTS += [("flow_warp", "fwd", (False,), False), ("flow_warp", "fwd", (True,), False)] + [
+    ("flow_warp", "bwd", (s, d, m), det)
+    for s, d, m in [(False, True, True), (True, True, True), (True, False, False)]
+    for det in ((False, True) if s else (False,))
+]
 
 
 @dataclass
@@ -106,8 +113,12 @@ def recording() -> Iterator[list[Launch]]:
         JITFunction.run = real_run
 
 
+# Ops whose kernels live in another op's module.
+_MODULES = {"flow_warp": "warp"}
+
+
 def _ops_module(op: str):
-    return importlib.import_module(f"tcae_kernels.ops.{op}")
+    return importlib.import_module(f"tcae_kernels.ops.{_MODULES.get(op, op)}")
 
 
 @contextlib.contextmanager
@@ -143,7 +154,13 @@ def run_launchers(case: dict) -> list[Launch]:
     module = _ops_module(op)
     padding = case["padding"]
     with recording() as launches, _force_int64(case["idx64"]):
-        if op == "warp":
+        if op == "flow_warp":
+            if kind == "fwd":
+                module._variant_forward(src, disp, padding, False, True, need[0])
+            else:
+                mask_like = _tensor((b, 1, h, w), src_dtype)
+                module._variant_backward(out_like, mask_like, src, disp, padding, need[0], need[1], det, True, need[2])
+        elif op == "warp":
             if kind == "fwd":
                 module._forward(src, disp, padding, False)
             else:

@@ -1,17 +1,20 @@
 """tcae-kernels: the differentiable bilinear displacement warp as fused Triton kernels.
 
-Every op samples at x − δ (TCAE's convention), with δ in pixels.
+Every op samples at x − δ (TCAE's convention), with δ in pixels, except
+``flow_warp`` (x + flow: RAFT, PWC-Net, VoxelMorph) and ``splat`` (forward
+warping to x + flow).
 """
 
 from .fallback import warp_torch
 from .ops.launch import implementation
 from .ops.merged_warp import merge_displacements, merged_warp
-from .ops.warp import warp
+from .ops.warp import flow_warp, warp
 from .ops.warp_l1 import warp_l1
 from .reference import warp_grid_sample, warp_naive
 
 __all__ = [
     "warp",
+    "flow_warp",
     "warp_torch",
     "merged_warp",
     "merge_displacements",

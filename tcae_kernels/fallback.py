@@ -173,6 +173,64 @@ def warp_backward(
     return or_empty(grad_src, src), or_empty(grad_disp.to(disp.dtype) if need_disp else None, disp)
 
 
+def inside_mass(src: torch.Tensor, disp: torch.Tensor, padding: str) -> torch.Tensor:
+    """The validity mask of T(src, δ) (x − δ): the bilinear weight on neighbours inside src,
+    [B, 1, H, W] in src's dtype, NaN at a non-finite δ."""
+    b, _, h_in, w_in = src.shape
+    _, _, h, w = disp.shape
+    acc = acc_dtype(src)
+    if h_in * w_in == 0:
+        mass = torch.zeros(b, h * w, dtype=acc, device=src.device)
+        finite = torch.isfinite(disp).all(dim=1).reshape(b, h * w)
+    else:
+        nb = neighbours(disp, h_in, w_in, padding, acc)
+        mass = (nb.weight[0] + nb.weight[1]) + (nb.weight[2] + nb.weight[3])
+        finite = nb.finite
+    return mass.masked_fill(~finite, float("nan")).view(b, 1, h, w).to(src.dtype)
+
+
+def inside_mass_grad(grad_mask: torch.Tensor, src: torch.Tensor, disp: torch.Tensor, padding: str) -> torch.Tensor:
+    """∂L/∂δ through the mask alone (x − δ), [B, 2, H, W] in the arithmetic dtype: the mask
+    depends on the position only."""
+    b, _, h_in, w_in = src.shape
+    _, _, h, w = disp.shape
+    acc = acc_dtype(src)
+    if h_in * w_in == 0:
+        grad = torch.zeros(b, 2, h, w, dtype=acc, device=src.device)
+        return grad.masked_fill(~torch.isfinite(disp).all(dim=1, keepdim=True), float("nan"))
+    nb = neighbours(disp, h_in, w_in, padding, acc)
+    gm = grad_mask.reshape(b, h * w).to(acc)
+    # ∂x̂/∂δx = −1.
+    gx = -gm * ((nb.d_x[0] + nb.d_x[1]) + (nb.d_x[2] + nb.d_x[3])) * nb.gate_x
+    gy = -gm * ((nb.d_y[0] + nb.d_y[1]) + (nb.d_y[2] + nb.d_y[3])) * nb.gate_y
+    grad = torch.stack((gx, gy), dim=1)
+    return grad.masked_fill(~nb.finite.unsqueeze(1), float("nan")).view(b, 2, h, w)
+
+
+def warp_variant_forward(
+    src: torch.Tensor, disp: torch.Tensor, padding: str, deterministic: bool, flow: bool, with_mask: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, mask): T(src, δ) for disp = δ (x − δ), or sampled at x + disp when ``flow``; mask
+    [B, 1, H, W] when ``with_mask``, else empty."""
+    field = -disp if flow else disp  # exact: x + f = x − (−f)
+    out = warp_forward(src, field, padding, deterministic)
+    return out, inside_mass(src, field, padding) if with_mask else src.new_empty(0)
+
+
+def warp_variant_backward(
+    grad_out: torch.Tensor, grad_mask: torch.Tensor, src: torch.Tensor, disp: torch.Tensor, padding: str,
+    need_src: bool, need_disp: bool, deterministic: bool, flow: bool, with_mask: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(∂L/∂src, ∂L/∂disp) of :func:`warp_variant_forward`; grad_mask is empty without the mask."""
+    field = -disp if flow else disp
+    grad_src, grad_disp = _warp_grads(grad_out, src, field, padding, need_src, need_disp)
+    if need_disp:
+        if with_mask:
+            grad_disp = grad_disp + inside_mass_grad(grad_mask, src, field, padding)
+        grad_disp = (-grad_disp if flow else grad_disp).to(disp.dtype)
+    return or_empty(grad_src, src), or_empty(grad_disp, disp)
+
+
 def _merge(disp_a, disp_b, logit_a, logit_b):
     """The merged δ in float64 (as the kernels merge) and the weight of δ_a."""
     w_a = torch.sigmoid(logit_a.double() - logit_b.double())

@@ -206,6 +206,20 @@ def disp_grad(sum_x, sum_y, gate_x, gate_y, finite):
 
 
 @triton.jit
+def inside_mass(ax, ay, m00, m01, m10, m11, finite):
+    """The validity mask: the bilinear weight that falls on neighbours inside src, in [0, 1]
+    (what warping a plane of ones gives); NaN for a non-finite δ."""
+    mass = interpolate(m00.to(ax.dtype), m01.to(ax.dtype), m10.to(ax.dtype), m11.to(ax.dtype), ax, ay)
+    return tl.where(finite, mass, float("nan"))
+
+
+@triton.jit
+def inside_mass_grad(gm, ax, ay, m00, m01, m10, m11):
+    """gm · ∂mask/∂x̂ and gm · ∂mask/∂ŷ per pixel: the position gradient of a plane of ones."""
+    return position_grad(gm, m00.to(ax.dtype), m01.to(ax.dtype), m10.to(ax.dtype), m11.to(ax.dtype), ax, ay, 1)
+
+
+@triton.jit
 def fixed_point_scale(scale_ptr, b, c0, C, BLOCK_C: tl.constexpr):
     """The fixed-point scale of planes (b, c0 …) as two factors, each within float32's
     range, whose product may not be (deterministic mode; see launch.GradSrc)."""
