@@ -80,6 +80,13 @@ VARIANTS += [("flow_warp", "fwd", (False,), False), ("flow_warp", "fwd", (True,)
     for s, d, m in [(False, True, True), (True, True, True), (True, False, False)]
     for det in ((False, True) if s else (False,))
 ]
+# Splatting: each metric kind (none, linear, softmax) with and without normalizing, both
+# accumulations forward; the backward (a gather, no atomics) for each gradient it computes.
+VARIANTS += [("splat", "fwd", (mode,), det) for mode, det in
+             [("sum", False), ("softmax", False), ("average", True), ("linear", True)]]
+VARIANTS += [("splat", "bwd", (mode, *need), False) for mode, need in
+             [("softmax", (True, True, True)), ("sum", (True, True, False)), ("linear", (False, True, True)),
+              ("average", (False, True, False)), ("softmax", (True, False, False))]]
 
 
 @dataclass
@@ -127,7 +134,7 @@ def _force_int64(on: bool) -> Iterator[None]:
     if not on:
         yield
         return
-    modules = [_ops_module(op) for op in _BACKWARDS]
+    modules = list({_ops_module(v[0]) for v in VARIANTS})
     saved = [m.needs_int64 for m in modules]
     for m in modules:
         m.needs_int64 = lambda *tensors: True
@@ -154,7 +161,14 @@ def run_launchers(case: dict) -> list[Launch]:
     module = _ops_module(op)
     padding = case["padding"]
     with recording() as launches, _force_int64(case["idx64"]):
-        if op == "flow_warp":
+        if op == "splat":
+            metric = _tensor((b, 1, h, w), disp_dtype) if need[0] in ("linear", "softmax") else src.new_empty(0)
+            if kind == "fwd":
+                module._forward(src, disp, metric, need[0], det)
+            else:
+                den = torch.ones((b, 1, h, w), dtype=torch.float64 if src_dtype == torch.float64 else torch.float32)
+                module._backward(out_like, src, disp, metric, out_like, den, *need)
+        elif op == "flow_warp":
             if kind == "fwd":
                 module._variant_forward(src, disp, padding, False, True, need[0])
             else:

@@ -52,6 +52,13 @@ VARIANTS = [
     ("warp_l1", "fwd", None, False, "fwd"),
     ("warp_l1", "bwd", (False, True, False), False, "bwd-disp"),
     ("warp_l1", "bwd", (True, True, True), False, "bwd-all"),
+    ("flow_warp", "fwd", (False,), False, "fwd"),
+    ("flow_warp", "fwd", (True,), False, "fwd-mask"),
+    ("flow_warp", "bwd", (True, True, True), False, "bwd-both-mask"),
+    ("splat", "fwd", ("sum",), False, "fwd-sum"),
+    ("splat", "fwd", ("softmax",), False, "fwd-softmax"),
+    ("splat", "fwd", ("softmax",), True, "fwd-softmax-det"),
+    ("splat", "bwd", ("softmax", True, True, True), False, "bwd-all"),
 ]
 
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
@@ -62,6 +69,19 @@ def min_bytes(op: str, direction: str, needs, shape, s: int, d: int) -> int:
     """SPEC section 5's minimum bytes, extended to the fused ops' extra fields."""
     b, c, h, w = shape
     n, m = b * h * w, b * h * w  # the benchmark warps an image onto a grid of its own size
+    if op == "splat":
+        metric = n * d if needs[0] in ("linear", "softmax") else 0
+        if direction == "fwd":  # src, flow, metric read; out written (the accumulators are scratch)
+            return m * c * s + 2 * n * d + metric + n * c * s
+        # ∂L/∂out read (as ∂L/∂num) and src, flow, metric; each gradient asked for written once.
+        need_src, need_flow, need_metric = needs[1:]
+        return (n * c * s + m * c * s + 2 * n * d + metric + need_src * m * c * s + need_flow * 2 * n * d
+                + need_metric * metric)
+    if op == "flow_warp":
+        mask = needs[-1] * n * s  # the mask written, or its gradient read
+        if direction == "fwd":
+            return 2 * n * d + m * c * s + n * c * s + mask
+        return min_bytes("warp", direction, needs[:2], shape, s, d) + mask
     fields = 6 if op == "merged_warp" else 2  # δ (2 channels), or δ_a, δ_b and two logits
     if direction == "fwd":
         return fields * n * d + m * c * s + n * c * s  # warp_l1: target read instead of out written

@@ -8,13 +8,16 @@ warping to x + flow).
 from .fallback import warp_torch
 from .ops.launch import implementation
 from .ops.merged_warp import merge_displacements, merged_warp
+from .ops.splat import splat
 from .ops.warp import flow_warp, warp
 from .ops.warp_l1 import warp_l1
-from .reference import warp_grid_sample, warp_naive
+from .reference import splat_naive, warp_grid_sample, warp_naive
 
 __all__ = [
     "warp",
     "flow_warp",
+    "splat",
+    "splat_naive",
     "warp_torch",
     "merged_warp",
     "merge_displacements",
