@@ -1,4 +1,4 @@
-"""Compiled CPU kernels of every warp op (numba): the Triton kernels' math as loops over pixels.
+"""Compiled CPU kernels of every op (numba): the Triton kernels' math as loops over pixels.
 
 numba compiles them with LLVM at the first call (no C/C++ toolchain on the
 user's machine; 2-4 s for each op's forward or backward and dtype) and caches
@@ -58,7 +58,7 @@ def available() -> bool:
 
 @functools.cache
 def kernels_or_none() -> SimpleNamespace | None:
-    """This module's six entry points when numba is usable, else None after one warning.
+    """This module's entry points when numba is usable, else None after one warning.
 
     The caller registers them as the CPU kernels of the custom ops, or keeps
     the eager PyTorch fallback when this returns None.
@@ -68,6 +68,7 @@ def kernels_or_none() -> SimpleNamespace | None:
             warp_forward=warp_forward, warp_backward=warp_backward,
             merged_warp_forward=merged_warp_forward, merged_warp_backward=merged_warp_backward,
             warp_l1_forward=warp_l1_forward, warp_l1_backward=warp_l1_backward,
+            splat_forward=splat_forward, splat_backward=splat_backward,
         )
     warnings.warn(
         f"tcae_kernels: numba is not usable ({type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR}); CPU tensors "
@@ -616,6 +617,126 @@ if numba is not None:
                     _disp_grad_row(gdisp, b * 2 * hw + y * w, hw, sums, flags, w)
 
 
+if numba is not None:
+
+    @_jit(inline="always")
+    def _splat_corners(x, y, fx, fy, w, h, one):
+        """The four corners around (x + fx, y + fy) (a finite flow): clamped flat indices,
+        bilinear weights (0 outside) and their slopes along x̂ and ŷ (as _row_gradient_terms)."""
+        zero = one - one
+        lo = -(one + one)
+        x0, ax, _ = _axis(x, -fx, lo, w + one, False, one)
+        y0, ay, _ = _axis(y, -fy, lo, h + one, False, one)
+        vx0 = x0 >= 0 and x0 < w
+        vx1 = x0 >= -1 and x0 < w - 1
+        vy0 = y0 >= 0 and y0 < h
+        vy1 = y0 >= -1 and y0 < h - 1
+        wx0 = one - ax if vx0 else zero
+        wx1 = ax if vx1 else zero
+        wy0 = one - ay if vy0 else zero
+        wy1 = ay if vy1 else zero
+        cx0 = min(max(x0, 0), w - 1)
+        cx1 = min(max(x0 + 1, 0), w - 1)
+        cy0 = min(max(y0, 0), h - 1) * w
+        cy1 = min(max(y0 + 1, 0), h - 1) * w
+        idx = (cy0 + cx0, cy0 + cx1, cy1 + cx0, cy1 + cx1)
+        wts = (wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1)
+        dx = (-wy0 if vx0 else zero, wy0 if vx1 else zero, -wy1 if vx0 else zero, wy1 if vx1 else zero)
+        dy = (-wx0 if vy0 else zero, -wx1 if vy0 else zero, wx0 if vy1 else zero, wx1 if vy1 else zero)
+        return idx, wts, dx, dy
+
+    @_jit
+    def _splat_fwd(src, ss, flow, zs, num, den, sizes, normalize, u0, u1):
+        """Batch elements u0 … u1 − 1 of the splat (x + flow): num [B, C, H·W] and den [B, H·W]
+        (contiguous, zeroed here) receive z·w·src and z·w, pixel by pixel in order. flow is
+        contiguous [B, 2, H, W], zs the importance z [B, H·W] (0 where the flow is not finite)."""
+        b_, c_, h, w = sizes
+        hw = h * w
+        one = flow.dtype.type(1)
+        for b in range(u0, u1):
+            num[b * c_ * hw:(b + 1) * c_ * hw] = 0
+            den[b * hw:(b + 1) * hw] = 0
+            for y in range(h):
+                for x in range(w):
+                    p = y * w + x
+                    fx = flow[b * 2 * hw + p]
+                    fy = flow[b * 2 * hw + hw + p]
+                    z = zs[b * hw + p]
+                    if not (fx - fx == 0 and fy - fy == 0) or z == 0:
+                        continue  # a non-finite flow sends nothing
+                    idx, wts, _, _ = _splat_corners(flow.dtype.type(x), flow.dtype.type(y), fx, fy, w, h, one)
+                    # As the kernels: each weight rounded once, then times z, then times the value.
+                    for n in range(4):
+                        wn = wts[n] * z
+                        if wn == 0:
+                            continue
+                        q = idx[n]
+                        if normalize:
+                            den[b * hw + q] += wn
+                        for c in range(c_):
+                            num[(b * c_ + c) * hw + q] += wn * src[b * ss[0] + c * ss[1] + y * ss[2] + x * ss[3]]
+
+    @_jit
+    def _splat_bwd(src, ss, flow, zs, gn, sg, gd, gsrc, gflow, gz, sizes, need_src, normalize, r0, r1):
+        """Rows r0 … r1 − 1 (over B·H) of the splat's backward, a gather at x + flow: gsrc [B, C, H·W]
+        = z·(∂L/∂num sampled), gflow [B, 2, H·W] = z·slopes, gz [B, H·W] = ∂L/∂z (all contiguous;
+        zeros where the flow is not finite). gn: ∂L/∂num (strides sg); gd: ∂L/∂den [B, H·W]."""
+        b_, c_, h, w = sizes
+        hw = h * w
+        one = flow.dtype.type(1)
+        zero = one - one
+        for r in range(r0, r1):
+            b = r // h
+            y = r - b * h
+            for x in range(w):
+                p = y * w + x
+                fx = flow[b * 2 * hw + p]
+                fy = flow[b * 2 * hw + hw + p]
+                z = zs[b * hw + p]
+                if not (fx - fx == 0 and fy - fy == 0):
+                    if need_src:
+                        for c in range(c_):
+                            gsrc[(b * c_ + c) * hw + p] = zero
+                    gflow[b * 2 * hw + p] = zero
+                    gflow[b * 2 * hw + hw + p] = zero
+                    gz[b * hw + p] = zero
+                    continue
+                idx, wts, dx, dy = _splat_corners(flow.dtype.type(x), flow.dtype.type(y), fx, fy, w, h, one)
+                acc_z = zero
+                sx = zero
+                sy = zero
+                # The corners' offsets in ∂L/∂num (any strides).
+                o0 = (idx[0] // w) * sg[2] + (idx[0] % w) * sg[3]
+                o1 = (idx[1] // w) * sg[2] + (idx[1] % w) * sg[3]
+                o2 = (idx[2] // w) * sg[2] + (idx[2] % w) * sg[3]
+                o3 = (idx[3] // w) * sg[2] + (idx[3] % w) * sg[3]
+                for c in range(c_):
+                    gb = b * sg[0] + c * sg[1]
+                    v0 = gn[gb + o0]
+                    v1 = gn[gb + o1]
+                    v2 = gn[gb + o2]
+                    v3 = gn[gb + o3]
+                    sampled = (wts[0] * v0 + wts[1] * v1) + (wts[2] * v2 + wts[3] * v3)
+                    if need_src:
+                        gsrc[(b * c_ + c) * hw + p] = z * sampled
+                    sv = src[b * ss[0] + c * ss[1] + y * ss[2] + x * ss[3]]
+                    acc_z += sv * sampled
+                    sx += sv * ((dx[0] * v0 + dx[1] * v1) + (dx[2] * v2 + dx[3] * v3))
+                    sy += sv * ((dy[0] * v0 + dy[1] * v1) + (dy[2] * v2 + dy[3] * v3))
+                if normalize:
+                    d0 = gd[b * hw + idx[0]]
+                    d1 = gd[b * hw + idx[1]]
+                    d2 = gd[b * hw + idx[2]]
+                    d3 = gd[b * hw + idx[3]]
+                    acc_z += (wts[0] * d0 + wts[1] * d1) + (wts[2] * d2 + wts[3] * d3)
+                    sx += (dx[0] * d0 + dx[1] * d1) + (dx[2] * d2 + dx[3] * d3)
+                    sy += (dy[0] * d0 + dy[1] * d1) + (dy[2] * d2 + dy[3] * d3)
+                # ∂(x + f)/∂f = +1.
+                gflow[b * 2 * hw + p] = z * sx
+                gflow[b * 2 * hw + hw + p] = z * sy
+                gz[b * hw + p] = acc_z
+
+
 # Below this many output values a call runs on the calling thread only: handing
 # work to another thread costs tens of µs, more on a busy machine.
 PARALLEL_MIN_VALUES = 1 << 16
@@ -870,6 +991,68 @@ def warp_l1_backward(
         _as(grad_src, src.dtype) if need_src else None,
         _as(grad_disp, disp.dtype) if need_disp else None,
         _as(grad_target, target.dtype) if need_target else None,
+    )
+
+
+def _splat_importance(flow: torch.Tensor, metric: torch.Tensor, mode: str, acc: torch.dtype) -> torch.Tensor:
+    """z per source pixel, contiguous [B, H·W] in acc: 1, metric or exp(metric − max); 0 at a non-finite flow."""
+    from .fallback import _splat_importance as importance
+
+    b, _, h, w = flow.shape
+    return importance(metric, mode, torch.isfinite(flow).all(dim=1).reshape(b, h * w), acc).contiguous()
+
+
+def splat_forward(
+    src: torch.Tensor, flow: torch.Tensor, metric: torch.Tensor, mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ops.splat's (out, den) (x + flow, pixels): out in src's dtype and memory format, den
+    [B, 1, H, W] in the arithmetic dtype for the normalized modes (empty for "sum")."""
+    acc = _acc(src.dtype)
+    b, c, h, w = src.shape
+    normalize = mode != "sum"
+    num = torch.zeros((b, c, h, w), dtype=acc)
+    den = torch.zeros((b, 1, h, w), dtype=acc)
+    if b * h * w:
+        s, ss, _, _ = _source(src, acc)
+        z = _splat_importance(flow, metric, mode, acc)
+        args = (s, ss, _field(flow, acc), z.numpy().reshape(-1), num.numpy().reshape(-1), den.numpy().reshape(-1),
+                (b, c, h, w), normalize)
+        _run(_splat_fwd, args, b, num.numel())
+    fmt = _memory_format(src)
+    if not normalize:
+        return _as(num, src.dtype).contiguous(memory_format=fmt), torch.empty(0, dtype=acc)
+    out = torch.where(den != 0, num / den, 0.0)
+    return _as(out, src.dtype).contiguous(memory_format=fmt), den
+
+
+def splat_backward(
+    grad_out: torch.Tensor, src: torch.Tensor, flow: torch.Tensor, metric: torch.Tensor, out: torch.Tensor,
+    den: torch.Tensor, mode: str, need_src: bool, need_flow: bool, need_metric: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(∂L/∂src, ∂L/∂flow, ∂L/∂metric) of splat_forward; an empty tensor for each not asked for."""
+    from .fallback import splat_output_grads
+
+    acc = _acc(src.dtype)
+    b, c, h, w = src.shape
+    grad_src = torch.zeros((b, c, h, w), dtype=acc)
+    grad_flow = torch.zeros((b, 2, h, w), dtype=acc)
+    gz = torch.zeros((b, 1, h, w), dtype=acc)
+    z = _splat_importance(flow, metric, mode, acc)
+    if b * h * w and (need_src or need_flow or need_metric):
+        gn, gd = splat_output_grads(grad_out, out, den, mode)
+        s, ss, _, _ = _source(src, acc)
+        g, sg = _flat(gn)
+        d = gd.contiguous().numpy().reshape(-1) if gd is not None else _none(acc)
+        args = (s, ss, _field(flow, acc), z.numpy().reshape(-1), g, sg, d, grad_src.numpy().reshape(-1),
+                grad_flow.numpy().reshape(-1), gz.numpy().reshape(-1), (b, c, h, w), need_src, gd is not None)
+        _run(_splat_bwd, args, b * h, b * max(c, 1) * h * w)
+    if mode == "softmax":
+        gz = gz * z.view(b, 1, h, w)  # ∂z/∂metric = z
+    empty = torch.empty(0)
+    return (
+        _as(grad_src, src.dtype).contiguous(memory_format=_memory_format(src)) if need_src else empty.to(src.dtype),
+        _as(grad_flow, flow.dtype) if need_flow else empty.to(flow.dtype),
+        _as(gz, metric.dtype) if need_metric else empty.to(metric.dtype),
     )
 
 

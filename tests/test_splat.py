@@ -3,16 +3,18 @@ gradients for src, flow and metric."""
 
 from __future__ import annotations
 
+import importlib
 import zlib
 
 import pytest
 import torch
 
-from tcae_kernels import splat, splat_naive
+from tcae_kernels import cpu, splat, splat_naive
 from tcae_kernels.testing import TOLERANCES as TOL
 from tcae_kernels.testing import make_disp, rel_err
 from conftest import fallback_on_cpu
 
+splat_module = importlib.import_module("tcae_kernels.ops.splat")
 MODES = ["sum", "average", "linear", "softmax"]
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
@@ -157,6 +159,24 @@ def test_non_finite_flow_sends_nothing():
     m[0, 0, 2, 3] = m[1, 0, 0, 0] = -1e4
     ref = splat_naive(src.double(), clean.double(), "softmax", m.double())
     assert rel_err(out, ref) <= 1e-6
+
+
+@pytest.mark.skipif(not cpu.available(), reason="numba is not installed")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_compiled_cpu_path(mode, dtype):
+    """The op's CPU kernels without the interpreter (numba loops), called directly."""
+    gen = seeded("cpu", mode, str(dtype))
+    src, flow, metric = inputs(mode, dtype, gen, shape=(2, 4, 7, 9))
+    if dtype == torch.float32:
+        src = src.contiguous(memory_format=torch.channels_last)
+    m = metric if metric is not None else src.new_empty(0)
+    grad_out = torch.randn(src.shape, generator=gen, dtype=torch.float64)
+    out, den = splat_module._cpu_forward(src, flow, m, mode, False)
+    grads = splat_module._cpu_backward(grad_out.to(dtype), src, flow, m, out, den, mode, True, True, metric is not None)
+    got = (out, list(grads[:3] if metric is not None else grads[:2]))
+    check(got, reference(src, flow, mode, metric, grad_out.to(dtype)), dtype)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last) == (dtype == torch.float32)
 
 
 def test_errors():

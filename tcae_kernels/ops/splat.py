@@ -274,7 +274,7 @@ def _backward_fake(grad_out, src, flow, metric, out, den, mode, need_src, need_f
 
 def _cpu_forward(src, flow, metric, mode: str, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     compiled = compiled_cpu()
-    if compiled is None or not hasattr(compiled, "splat_forward"):
+    if compiled is None:
         return fallback.splat_forward(src, flow, metric, mode, deterministic)
     return compiled.splat_forward(src, flow, metric, mode)
 
@@ -282,7 +282,7 @@ def _cpu_forward(src, flow, metric, mode: str, deterministic: bool) -> tuple[tor
 def _cpu_backward(grad_out, src, flow, metric, out, den, mode: str, need_src: bool, need_flow: bool,
                   need_metric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     compiled = compiled_cpu()
-    if compiled is None or not hasattr(compiled, "splat_backward"):
+    if compiled is None:
         return fallback.splat_backward(grad_out, src, flow, metric, out, den, mode, need_src, need_flow, need_metric)
     return compiled.splat_backward(grad_out, src, flow, metric, out, den, mode, need_src, need_flow, need_metric)
 
