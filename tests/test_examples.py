@@ -25,3 +25,8 @@ def test_registration_aligns_the_images():
     r = load("registration").main(size=32, steps=60, control=4)
     assert r["mse_after"] < 0.2 * r["mse_before"]
     assert r["disp_err_after"] < 0.7 * r["disp_err_before"]
+
+
+def test_frame_interpolation_beats_averaging_the_frames():
+    r = load("frame_interpolation").main(size=32)
+    assert r["softmax_splat"] < 0.6 * r["baseline_average_frames"]
