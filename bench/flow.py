@@ -31,7 +31,7 @@ FLOW_PX = 3.0
 
 def raft_warp(img: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     """RAFT's backward warp: coords_grid + flow, normalized to [−1, 1], grid_sample(align_corners=True)."""
-    b, _, h, w = img.shape
+    h, w = img.shape[-2:]
     ys, xs = torch.meshgrid(torch.arange(h, device=img.device, dtype=flow.dtype),
                             torch.arange(w, device=img.device, dtype=flow.dtype), indexing="ij")
     coords = torch.stack((xs, ys)).unsqueeze(0) + flow
@@ -65,7 +65,7 @@ def index_add_softmax_splat(src: torch.Tensor, flow: torch.Tensor, metric: torch
 
 def _inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator(device="cpu").manual_seed(0)
-    b, c, h, w = shape
+    b, _, h, w = shape
     src = torch.randn(shape, generator=gen).to(device, dtype)
     coarse = torch.randn(b, 2, max(h // 16, 2), max(w // 16, 2), generator=gen)
     flow = (F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False) * FLOW_PX).to(device)
@@ -122,7 +122,7 @@ def run(shapes: list[tuple[str, Shape]], dtypes: list[torch.dtype], timer: Timer
                     continue  # the interpreter is a correctness tool, never a timing
                 for backward in (False, True):
                     lv = [t.detach().requires_grad_(backward) for t in leaves]
-                    us = timer.median_us(lambda: _run(fn, lv, grad_out, backward))
+                    us = timer.median_us(lambda fn=fn, lv=lv, backward=backward: _run(fn, lv, grad_out, backward))
                     rows.append({"shape": label, "dtype": str(dtype).removeprefix("torch."), "op": op,
                                  "pass": "fwd+bwd" if backward else "fwd", "impl": impl, "median_us": us})
     return rows

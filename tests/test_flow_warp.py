@@ -10,12 +10,12 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fallback_on_cpu
 
 from tcae_kernels import cpu, flow_warp, warp, warp_naive
 from tcae_kernels.nn import FlowWarp
 from tcae_kernels.testing import TOLERANCES as TOL
 from tcae_kernels.testing import make_disp, rel_err
-from conftest import fallback_on_cpu
 
 warp_module = importlib.import_module("tcae_kernels.ops.warp")
 PADDINGS = ["zeros", "border"]

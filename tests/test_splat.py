@@ -8,11 +8,11 @@ import zlib
 
 import pytest
 import torch
+from conftest import fallback_on_cpu
 
 from tcae_kernels import cpu, splat, splat_naive
 from tcae_kernels.testing import TOLERANCES as TOL
 from tcae_kernels.testing import make_disp, rel_err
-from conftest import fallback_on_cpu
 
 splat_module = importlib.import_module("tcae_kernels.ops.splat")
 MODES = ["sum", "average", "linear", "softmax"]
@@ -24,7 +24,7 @@ def seeded(*key: object) -> torch.Generator:
 
 
 def inputs(mode, dtype, gen, shape=(2, 3, 7, 9), kind="small"):
-    b, c, h, w = shape
+    b, _, h, w = shape
     src = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
     field_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
     flow = make_disp(kind, b, h, w, field_dtype, "cpu", gen)

@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 
 from .. import fallback
-from ..fallback import softmax_shift
 from ..checks import check_disp_dtype, check_tensor
+from ..fallback import softmax_shift
 from .launch import (
     GradSrc,
     acc_dtype,
@@ -51,8 +51,18 @@ if triton is not None:
     import triton.language as tl
 
     from .sampling import (
-        bilinear_weights, channel_mask, channel_offsets, interpolate, load_neighbours, load_pair, per_channel,
-        position, position_grad, row_block, scatter_weighted, sum_channels,
+        bilinear_weights,
+        channel_mask,
+        channel_offsets,
+        interpolate,
+        load_neighbours,
+        load_pair,
+        per_channel,
+        position,
+        position_grad,
+        row_block,
+        scatter_weighted,
+        sum_channels,
     )
 
     @triton.jit

@@ -40,7 +40,14 @@ if triton is not None:
     import triton.language as tl
 
     from .sampling import (
-        backward_channels, disp_grad, inside_mass, inside_mass_grad, load_pair, position, row_block, warp_channels,
+        backward_channels,
+        disp_grad,
+        inside_mass,
+        inside_mass_grad,
+        load_pair,
+        position,
+        row_block,
+        warp_channels,
     )
 
     @triton.jit
@@ -120,7 +127,7 @@ if triton is not None:
 def _launch_forward(
     src: torch.Tensor, disp: torch.Tensor, padding: str, flow: bool, with_mask: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(out, mask or None); disp is −flow's positions when ``flow`` (sampled at x + disp)."""
+    """(out, mask or None): src sampled at x − disp, or at x + disp when ``flow``."""
     b, c, h_in, w_in = src.shape
     _, _, h, w = disp.shape
     out = empty_like_src(src, (b, c, h, w))
