@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import fallback_on_cpu
 
-from tcae_kernels import cpu, splat, splat_naive
+from tcae_kernels import cpu, flow_warp, splat, splat_naive
 from tcae_kernels.testing import TOLERANCES as TOL
 from tcae_kernels.testing import make_disp, rel_err
 
@@ -214,3 +214,15 @@ def test_custom_op_compiles_fullgraph():
         fn(leaves[0], leaves[1], "softmax", leaves[2]).square().sum().backward()
         grads.append([t.grad for t in leaves])
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_export_keeps_one_node_per_op():
+    class M(torch.nn.Module):
+        def forward(self, s, f, m):
+            return splat(s, f, "softmax", m) + flow_warp(s, f, return_mask=True)[1]
+
+    gen = seeded("export")
+    src, flow, metric = inputs("softmax", torch.float32, gen)
+    graph = torch.export.export(M(), (src, flow, metric)).graph
+    ops = sorted(str(n.target) for n in graph.nodes if str(n.target).startswith("tcae_kernels"))
+    assert ops == ["tcae_kernels.splat.default", "tcae_kernels.warp_variant.default"], ops
