@@ -66,6 +66,7 @@ def kernels_or_none() -> SimpleNamespace | None:
     if available():
         return SimpleNamespace(
             warp_forward=warp_forward, warp_backward=warp_backward,
+            warp_variant_forward=warp_variant_forward, warp_variant_backward=warp_variant_backward,
             merged_warp_forward=merged_warp_forward, merged_warp_backward=merged_warp_backward,
             warp_l1_forward=warp_l1_forward, warp_l1_backward=warp_l1_backward,
             splat_forward=splat_forward, splat_backward=splat_backward,
@@ -345,22 +346,40 @@ if numba is not None:
             gdisp[ux + np.uint64(x)] = (-sums[0, x] if flags[0][x] else zero) if flags[2][x] else np.nan
             gdisp[uy + np.uint64(x)] = (-sums[1, x] if flags[1][x] else zero) if flags[2][x] else np.nan
 
+    @_jit(inline="always")
+    def _row_field(disp, ox, oy, w, flow, neg):
+        """Where one row's δ is read: (dsx, ox, dsy, oy) of disp, or for a flow (x + f = x − (−f),
+        exact) the row negated into the scratch neg [2, W], which stays in cache."""
+        if flow:
+            for x in range(w):
+                neg[0, x] = -disp[ox + x]
+                neg[1, x] = -disp[oy + x]
+            return neg[0], 0, neg[1], 0
+        return disp, ox, disp, oy
+
     @_jit
-    def _warp_fwd(src, ss, disp, out, so, sizes, border, r0, r1):
-        """Rows r0 … r1 − 1 (over B·H) of T(src, δ); disp contiguous [B, 2, H, W]."""
+    def _warp_fwd(src, ss, disp, out, so, mask, sizes, border, flow, want_mask, r0, r1):
+        """Rows r0 … r1 − 1 (over B·H) of T(src, δ), or of the warp at x + disp when ``flow``;
+        disp contiguous [B, 2, H, W]. With want_mask, mask [B, H·W] (contiguous) gets each
+        pixel's weight inside src (NaN at a non-finite δ)."""
         b_, c_, h, w, h_in, w_in = sizes
         hw = h * w
         xs = _coords(w, disp)
         bounds = _clamp_bounds(disp, w_in, h_in, border)
         scratch = _scratch(w, src)
         off, wts, _, flags = scratch
+        neg = np.empty((2, w), disp.dtype)
         for q in range(r0, r1):
             b = q // h
             y = q - b * h
-            _row_positions(disp, b * 2 * hw + y * w, disp, b * 2 * hw + hw + y * w, xs, disp.dtype.type(y),
-                           bounds, border, w_in, h_in, ss[2], ss[3], scratch)
+            dsx, ox, dsy, oy = _row_field(disp, b * 2 * hw + y * w, b * 2 * hw + hw + y * w, w, flow, neg)
+            _row_positions(dsx, ox, dsy, oy, xs, disp.dtype.type(y), bounds, border, w_in, h_in, ss[2], ss[3], scratch)
             _interpolate_channels(src, ss, off, wts, out, so, b, y, c_, w)
             _nan_where_not_finite(out, b * so[0] + y * so[2], so[1], so[3], c_, flags[2])
+            if want_mask:
+                for x in range(w):
+                    m = (wts[0][x] + wts[1][x]) + (wts[2][x] + wts[3][x])
+                    mask[b * hw + y * w + x] = m if flags[2][x] else np.nan
 
     @_jit
     def _merge_row(fa, fb, la, lb, b, y, w, hw, rows):
@@ -442,9 +461,12 @@ if numba is not None:
                     gsrc[row + np.uint64(xx) * step] = zero
 
     @_jit
-    def _warp_bwd(src, ss, disp, g, sg, gdisp, gsrc, sizes, border, need_src, need_disp, groups, u0, u1):
+    def _warp_bwd(src, ss, disp, g, sg, gmask, flow, want_mask, gdisp, gsrc, sizes, border, need_src, need_disp,
+                  groups, u0, u1):
         """Backward tasks u0 … u1 − 1 (see _unit): ∂L/∂src of the task's planes into gsrc (src's
         strides; zeroed first) and/or ∂L/∂δ of its rows into gdisp (contiguous [B, 2, H, W]).
+        With ``flow`` the warp samples at x + disp and gdisp is ∂L/∂disp; with want_mask, ∂L/∂mask
+        (gmask, contiguous [B, H·W]) adds its position gradient.
 
         Both at once only with one task per batch element (groups = 1): ∂L/∂δ needs every channel.
         Each plane sums its terms row by row, pixel by pixel, however the work is split.
@@ -456,22 +478,34 @@ if numba is not None:
         scratch = _scratch(w, src)
         off, wts, axw, flags = scratch
         sums = np.empty((2, w), src.dtype)
+        neg = np.empty((2, w), disp.dtype)
         for u in range(u0, u1):
             b, c0, c1, y0, y1 = _unit(u, groups, need_src, c_, h)
             if need_src:
                 _zero_planes(gsrc, ss, b, c0, c1, h_in, w_in)
             for y in range(y0, y1):
                 yf = disp.dtype.type(y)
-                ox, oy = b * 2 * hw + y * w, b * 2 * hw + hw + y * w
-                _row_positions(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
+                dsx, ox, dsy, oy = _row_field(disp, b * 2 * hw + y * w, b * 2 * hw + hw + y * w, w, flow, neg)
+                _row_positions(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
                 gb = np.uint64(b * sg[0] + y * sg[2])
                 if need_src:
                     _scatter_row(g, gb, np.uint64(sg[1]), np.uint64(sg[3]), off, wts,
                                  gsrc, np.uint64(b * ss[0]), np.uint64(ss[1]), c0, c1, w)
                 if need_disp:
-                    _row_gradient_terms(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, scratch)
+                    _row_gradient_terms(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, scratch)
                     _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, g,
                                    gb, np.uint64(sg[1]), np.uint64(sg[3]), c_, sums, w)
+                    if want_mask:
+                        # The mask is Σ_n wts[n]: its slopes are those of the weights.
+                        for x in range(w):
+                            gm = gmask[b * hw + y * w + x]
+                            sums[0, x] += gm * ((axw[0][x] + axw[1][x]) + (axw[2][x] + axw[3][x]))
+                            sums[1, x] += gm * ((axw[4][x] + axw[5][x]) + (axw[6][x] + axw[7][x]))
+                    if flow:
+                        # ∂x̂/∂f = +1: _disp_grad_row's −sums comes out with the sign flipped, exactly.
+                        for x in range(w):
+                            sums[0, x] = -sums[0, x]
+                            sums[1, x] = -sums[1, x]
                     _disp_grad_row(gdisp, b * 2 * hw + y * w, hw, sums, flags, w)
 
     @_jit
@@ -858,15 +892,29 @@ def _backward(kernel, head: tuple, gsrc: np.ndarray, sizes: tuple[int, ...], pad
 
 def warp_forward(src: torch.Tensor, disp: torch.Tensor, padding: str) -> torch.Tensor:
     """T(src, δ): src [B, C, H_in, W_in], disp [B, 2, H, W] in pixels → [B, C, H, W] in src's dtype."""
+    return warp_variant_forward(src, disp, padding, False, False)[0]
+
+
+def warp_variant_forward(
+    src: torch.Tensor, disp: torch.Tensor, padding: str, flow: bool, with_mask: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out, mask or None): src sampled at x − disp, or at x + disp when ``flow`` (pixels); mask
+    [B, 1, H, W] in src's dtype, the bilinear weight inside src (NaN at a non-finite disp)."""
     acc = _acc(src.dtype)
     b, c, _, _ = src.shape
     h, w = disp.shape[2:]
     out = torch.empty((b, c, h, w), dtype=acc, memory_format=_memory_format(src))
-    if out.numel():
+    mask = torch.empty((b, 1, h, w), dtype=acc) if with_mask else None
+    if b * h * w and (c or with_mask):
         s, ss, h_in, w_in = _source(src, acc)
         sizes = (b, c, h, w, h_in, w_in)
-        _run(_warp_fwd, (s, ss, _field(disp, acc), *_flat(out), sizes, padding == "border"), b * h, out.numel())
-    return _as(out, src.dtype)
+        args = (s, ss, _field(disp, acc), *_flat(out), _flat(mask)[0] if with_mask else _none(acc), sizes,
+                padding == "border", flow, with_mask)
+        _run(_warp_fwd, args, b * h, max(out.numel(), b * h * w))
+        if with_mask and src.shape[2] * src.shape[3] == 0:
+            # _source stood in a zero pixel for the empty src; no weight falls inside nothing.
+            mask = torch.zeros_like(mask).masked_fill(~torch.isfinite(disp).all(dim=1, keepdim=True), float("nan"))
+    return _as(out, src.dtype), _as(mask, src.dtype) if with_mask else None
 
 
 def _grad_src(src: torch.Tensor, acc: torch.dtype, need: bool, h: int, w: int) -> tuple[torch.Tensor | None, bool]:
@@ -884,6 +932,15 @@ def warp_backward(
     grad_out: torch.Tensor, src: torch.Tensor, disp: torch.Tensor, padding: str, need_src: bool, need_disp: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(∂L/∂src in src's dtype and memory format | None, ∂L/∂δ contiguous in disp's dtype | None)."""
+    return warp_variant_backward(grad_out, None, src, disp, padding, need_src, need_disp, False)
+
+
+def warp_variant_backward(
+    grad_out: torch.Tensor, grad_mask: torch.Tensor | None, src: torch.Tensor, disp: torch.Tensor, padding: str,
+    need_src: bool, need_disp: bool, flow: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """warp_backward for warp_variant_forward: grad_mask is ∂L/∂mask [B, 1, H, W] or None;
+    with ``flow`` the second gradient is ∂L/∂disp of the warp at x + disp."""
     acc = _acc(src.dtype)
     b, c, _, _ = src.shape
     h, w = disp.shape[2:]
@@ -891,7 +948,10 @@ def warp_backward(
     grad_disp = torch.empty(disp.shape, dtype=acc) if need_disp else None
     if scatter or need_disp:
         s, ss, h_in, w_in = _source(src, acc, grad_src if scatter else None)
-        head = (s, ss, _field(disp, acc), *_flat(_to(grad_out, acc)),
+        # An empty src's mask is 0 wherever δ is: no gradient (the kernel's stand-in pixel would give one).
+        want_mask = grad_mask is not None and src.shape[2] * src.shape[3] > 0
+        gmask = _field(grad_mask, acc) if want_mask else _none(acc)
+        head = (s, ss, _field(disp, acc), *_flat(_to(grad_out, acc)), gmask, flow, want_mask,
                 _flat(grad_disp)[0] if need_disp else _none(acc))
         gs = _flat(grad_src)[0] if scatter else _none(acc)
         _backward(_warp_bwd, head, gs, (b, c, h, w, h_in, w_in), padding, scatter, (need_disp,))

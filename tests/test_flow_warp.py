@@ -124,13 +124,14 @@ def test_non_finite_flow_gives_nan_mask():
 
 
 @pytest.mark.skipif(not cpu.available(), reason="numba is not installed")
+@pytest.mark.parametrize("kind", ["large", "far"])
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-def test_compiled_cpu_path(padding, dtype):
+def test_compiled_cpu_path(padding, dtype, kind):
     """The op's CPU kernel without the interpreter (numba loops), called directly."""
-    gen = seeded("cpu", padding, str(dtype))
+    gen = seeded("cpu", padding, str(dtype), kind)
     src = torch.randn(2, 3, 7, 9, generator=gen, dtype=torch.float64).to(dtype)
-    flow = make_disp("large", 2, 6, 8, torch.float32 if dtype == torch.bfloat16 else dtype, "cpu", gen)
+    flow = make_disp(kind, 2, 6, 8, torch.float32 if dtype == torch.bfloat16 else dtype, "cpu", gen)
     grad_out = torch.randn(2, 3, 6, 8, generator=gen, dtype=torch.float64)
     grad_mask = torch.randn(2, 1, 6, 8, generator=gen, dtype=torch.float64)
     out, mask = warp_module._cpu_variant_forward(src, flow, padding, False, True, True)
@@ -141,6 +142,24 @@ def test_compiled_cpu_path(padding, dtype):
     tol_fwd, tol_grad = TOL[dtype]
     for x, y, tol in zip((out, mask, gs, gf), want, (tol_fwd, tol_fwd, tol_grad, tol_grad)):
         assert rel_err(x, y) <= tol
+
+
+@pytest.mark.skipif(not cpu.available(), reason="numba is not installed")
+def test_compiled_cpu_path_non_finite_and_empty_source():
+    flow = torch.zeros(2, 2, 3, 3)
+    flow[1, 0, 2, 1] = float("nan")
+    grad_mask = torch.ones(2, 1, 3, 3)
+    for src in (torch.randn(2, 3, 4, 5), torch.randn(2, 3, 0, 4)):
+        _, mask = warp_module._cpu_variant_forward(src, flow, "zeros", False, True, True)
+        _, gf = warp_module._cpu_variant_backward(
+            torch.ones(2, 3, 3, 3), grad_mask, src, flow, "zeros", False, True, False, True, True
+        )
+        # The Triton kernels' mask (interpreter) for the same inputs.
+        want_mask = warp_module._variant_forward(src, flow, "zeros", False, True, True)[1]
+        assert torch.isnan(mask[1, 0, 2, 1]) and torch.isnan(gf[1, :, 2, 1]).all()
+        assert torch.equal(mask.nan_to_num(), want_mask.nan_to_num())
+        if src.shape[2] == 0:
+            assert (mask.nan_to_num() == 0).all() and (gf.nan_to_num() == 0).all()
 
 
 # The anchors: each model's warp as its code computes it (normalized grid, grid_sample).

@@ -300,10 +300,8 @@ def _cpu_variant_forward(
     compiled = compiled_cpu()
     if compiled is None:
         return fallback.warp_variant_forward(src, disp, padding, deterministic, flow, with_mask)
-    # The compiled loops take x − δ: a flow passes as its negation (a copy of 2 values per pixel).
-    field = -disp if flow else disp
-    mask = fallback.inside_mass(src, field, padding) if with_mask else src.new_empty(0)
-    return compiled.warp_forward(src, field, padding), mask
+    out, mask = compiled.warp_variant_forward(src, disp, padding, flow, with_mask)
+    return out, or_empty(mask, src)
 
 
 def _cpu_variant_backward(
@@ -315,12 +313,9 @@ def _cpu_variant_backward(
         return fallback.warp_variant_backward(
             grad_out, grad_mask, src, disp, padding, need_src, need_disp, deterministic, flow, with_mask
         )
-    field = -disp if flow else disp
-    grad_src, grad_disp = compiled.warp_backward(grad_out, src, field, padding, need_src, need_disp)
-    if need_disp:
-        if with_mask:
-            grad_disp = grad_disp + fallback.inside_mass_grad(grad_mask, src, field, padding).to(grad_disp.dtype)
-        grad_disp = -grad_disp if flow else grad_disp
+    grad_src, grad_disp = compiled.warp_variant_backward(
+        grad_out, grad_mask if with_mask else None, src, disp, padding, need_src, need_disp, flow
+    )
     return or_empty(grad_src, src), or_empty(grad_disp, disp)
 
 
