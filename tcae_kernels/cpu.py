@@ -42,6 +42,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from .fallback import splat_importance, splat_output_grads
+
 try:
     import numba
     from numba import njit
@@ -1056,10 +1058,8 @@ def warp_l1_backward(
 
 def _splat_importance(flow: torch.Tensor, metric: torch.Tensor, mode: str, acc: torch.dtype) -> torch.Tensor:
     """z per source pixel, contiguous [B, H·W] in acc: 1, metric or exp(metric − max); 0 at a non-finite flow."""
-    from .fallback import _splat_importance as importance
-
     b, _, h, w = flow.shape
-    return importance(metric, mode, torch.isfinite(flow).all(dim=1).reshape(b, h * w), acc).contiguous()
+    return splat_importance(metric, mode, torch.isfinite(flow).all(dim=1).reshape(b, h * w), acc).contiguous()
 
 
 def splat_forward(
@@ -1090,8 +1090,6 @@ def splat_backward(
     den: torch.Tensor, mode: str, need_src: bool, need_flow: bool, need_metric: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(∂L/∂src, ∂L/∂flow, ∂L/∂metric) of splat_forward; an empty tensor for each not asked for."""
-    from .fallback import splat_output_grads
-
     acc = _acc(src.dtype)
     b, c, h, w = src.shape
     grad_src = torch.zeros((b, c, h, w), dtype=acc)

@@ -303,7 +303,7 @@ def softmax_shift(metric: torch.Tensor) -> torch.Tensor:
     return metric.detach().amax(dim=(1, 2, 3)).to(dtype)
 
 
-def _splat_importance(metric: torch.Tensor, mode: str, finite: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+def splat_importance(metric: torch.Tensor, mode: str, finite: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """z of each source pixel, [B, P]: 1, metric or exp(metric − shift); 0 where the flow is not finite."""
     if mode in ("sum", "average"):
         z = torch.ones(finite.shape, dtype=acc, device=finite.device)
@@ -326,7 +326,7 @@ def splat_forward(
     den = torch.zeros(b, n, dtype=acc, device=src.device)
     if b * n:
         nb = neighbours(-flow, h, w, "zeros", acc)  # exact: x + f = x − (−f)
-        z = _splat_importance(metric, mode, nb.finite, acc)
+        z = splat_importance(metric, mode, nb.finite, acc)
         vals = src.reshape(b, c, n).to(acc) * z.unsqueeze(1)
         for index, weight in zip(nb.index, nb.weight):
             num.scatter_add_(2, index.unsqueeze(1).expand(b, c, n), vals * weight.unsqueeze(1))
@@ -368,7 +368,7 @@ def splat_backward(
         )
     gn, gd = splat_output_grads(grad_out, out, den, mode)
     nb = neighbours(-flow, h, w, "zeros", acc)
-    z = _splat_importance(metric, mode, nb.finite, acc)
+    z = splat_importance(metric, mode, nb.finite, acc)
     gn = gn.reshape(b, c, n)
     s = src.reshape(b, c, n).to(acc)
     sampled = torch.zeros(b, c, n, dtype=acc, device=src.device)
