@@ -122,7 +122,7 @@ def run(shapes: list[tuple[str, Shape]], dtypes: list[torch.dtype], timer: Timer
                     continue  # the interpreter is a correctness tool, never a timing
                 for backward in (False, True):
                     lv = [t.detach().requires_grad_(backward) for t in leaves]
-                    us = timer.median_us(lambda fn=fn, lv=lv, backward=backward: _run(fn, lv, grad_out, backward))
+                    us = timer.median_us(lambda fn=fn, lv=lv, g=grad_out, backward=backward: _run(fn, lv, g, backward))
                     rows.append({"shape": label, "dtype": str(dtype).removeprefix("torch."), "op": op,
                                  "pass": "fwd+bwd" if backward else "fwd", "impl": impl, "median_us": us})
     return rows
