@@ -232,11 +232,12 @@ def _forward(
                 F64=src.dtype == torch.float64, IDX64=needs_int64(src, flow, num.buf), **meta,
             )
     total = num.finish()
+    fmt = memory_format_of(src)
     if not normalize:
-        return total.to(src.dtype), src.new_empty(0, dtype=acc)
+        return total.to(src.dtype).contiguous(memory_format=fmt), src.new_empty(0, dtype=acc)
     d = den.finish()
     out = torch.where(d != 0, total / d, 0.0)
-    return out.to(src.dtype).contiguous(memory_format=memory_format_of(src)), d
+    return out.to(src.dtype).contiguous(memory_format=fmt), d
 
 
 def _backward(
