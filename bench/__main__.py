@@ -15,7 +15,7 @@ import torch
 
 from tcae_kernels.ops.launch import INTERPRET
 
-from . import plot, sweep
+from . import flow, plot, sweep
 from .harness import DTYPES, FIELDS, LAYOUTS, OPS, QUICK_SHAPES, SHAPES, Timer, copy_bandwidth, machine_info, parse_shape
 from .impls import BASELINE_TOL, IMPLS, OURS, SPEC_TOL, CorrectnessError
 
@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="output folder; default bench/results on CUDA, a temp folder on CPU")
     p.add_argument("--quick", action="store_true", help="small shapes and short timings: exercises the harness")
     p.add_argument("--rep-ms", type=float, help="timing budget per measurement, ms (default 25; quick 5)")
+    p.add_argument("--no-flow-ops", action="store_true",
+                   help="skip flow_warp vs the RAFT grid_sample path and splat vs an index_add_ splat")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads while timing (default 1: shared CI cores stall multi-threaded ops)")
     args = p.parse_args(argv)
@@ -79,6 +81,14 @@ def select_cases(args: argparse.Namespace, device: torch.device) -> list[sweep.C
     else:
         shapes = [parse_shape(s) for s in SHAPES]
     return [sweep.Case(*shape, *rest) for shape, *rest in itertools.product(shapes, args.dtypes, args.layouts, args.fields)]
+
+
+def flow_shapes(args: argparse.Namespace, device: torch.device) -> list[tuple[str, tuple[int, int, int, int]]]:
+    """The flow ops' shapes: those named, else frame interpolation and features (small ones on CPU)."""
+    if args.shapes:
+        return args.shapes
+    table = flow.QUICK_SHAPES if args.quick or device.type == "cpu" else flow.SHAPES
+    return [(f"{k} {'x'.join(map(str, v))}", v) for k, v in table.items()]
 
 
 def _fmt(v: float | None) -> str:
@@ -148,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         # ≥ 1 GiB on the GPU so the copy streams from HBM, not L2.
         copy_gbps = copy_bandwidth(timer, 2**30 if cuda else 2**24 if args.quick else 2**26)
         rows = sweep.run(cases, impls, check_only, primary, args.ops, timer, copy_gbps, args.padding)
+        flow_rows = [] if args.no_flow_ops else flow.run(flow_shapes(args, device), [DTYPES[d] for d in args.dtypes], timer)
         info = machine_info(device)
     except CorrectnessError as e:
         raise SystemExit(f"bench: correctness gate failed, run aborted: {e}") from e
@@ -155,13 +166,16 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
 
     text = markdown(rows, impls, primary, cuda) + "\n\n" + "\n".join(notes(info, copy_gbps, primary, check_only, args.padding))
+    if flow_rows:
+        text += ("\n\nx + flow ops (flow_warp vs RAFT's grid_sample warp; softmax splat vs an index_add_ splat), "
+                 "checked against float64 first; ×: baseline / ours.\n\n" + flow.markdown(flow_rows))
     print(text)
     out_dir = args.out or (RESULTS if cuda else Path(tempfile.gettempdir()) / "tcae-bench")
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{info['date'][:10]}_{re.sub(r'[^A-Za-z0-9.]+', '-', info['gpu'] or 'cpu')}" + ("_quick" if args.quick else "")
     result = {
         "machine": info, "copy_gbps": copy_gbps, "primary": primary, "check_only": check_only,
-        "settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+        "settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "flow_rows": flow_rows,
     }
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     (out_dir / f"{stem}.md").write_text(text + "\n")

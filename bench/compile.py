@@ -78,8 +78,17 @@ VARIANTS = [(op, "fwd", None, False) for op in _BACKWARDS] + [
     ("flow_warp3d", "fwd", None, False),
     ("flow_warp3d", "bwd", (True, True), False),
 ]
-# Ops that are another op's kernels with a flag.
-_MODULE_OF = {"flow_warp3d": "warp3d"}
+# The flow warp: warp's kernels with FLOW and MASK (the validity mask, the last need) on
+# together; both off is warp's variants. Kept few: the pairwise set grows by about six
+# cases per variant, and CI runs it.
+VARIANTS += [("flow_warp", "fwd", (True,), False)] + [
+    ("flow_warp", "bwd", (True, True, True), det) for det in (False, True)
+]
+# Splatting: each metric kind (none, linear, softmax), normalized or not, both accumulations
+# forward; the backward (a gather, no atomics) with every gradient it computes.
+VARIANTS += [("splat", "fwd", (mode,), det) for mode, det in [("sum", False), ("softmax", True), ("linear", False)]]
+VARIANTS += [("splat", "bwd", (mode, *need), False) for mode, need in
+             [("softmax", (True, True, True)), ("sum", (True, True, False)), ("linear", (False, True, True))]]
 # A volume's depth, for 3-D ops: (B, C, H, W) shapes become (B, C, DEPTH, H, W).
 DEPTH = 3
 
@@ -115,8 +124,12 @@ def recording() -> Iterator[list[Launch]]:
         JITFunction.run = real_run
 
 
+# Ops whose kernels live in another op's module.
+_MODULES = {"flow_warp": "warp", "flow_warp3d": "warp3d"}
+
+
 def _ops_module(op: str):
-    return importlib.import_module(f"tcae_kernels.ops.{_MODULE_OF.get(op, op)}")
+    return importlib.import_module(f"tcae_kernels.ops.{_MODULES.get(op, op)}")
 
 
 @contextlib.contextmanager
@@ -125,7 +138,7 @@ def _force_int64(on: bool) -> Iterator[None]:
     if not on:
         yield
         return
-    modules = [_ops_module(op) for op in _BACKWARDS]
+    modules = list({_ops_module(v[0]) for v in VARIANTS})
     saved = [m.needs_int64 for m in modules]
     for m in modules:
         m.needs_int64 = lambda *tensors: True
@@ -165,6 +178,19 @@ def run_launchers(case: dict) -> list[Launch]:
             else:
                 module._backward(_tensor((b, c, d, h, w), src_dtype, case["layout"]), vol, field, padding,
                                  flow, *need, det)
+        elif op == "splat":
+            metric = _tensor((b, 1, h, w), disp_dtype) if need[0] in ("linear", "softmax") else src.new_empty(0)
+            if kind == "fwd":
+                module._forward(src, disp, metric, need[0], det)
+            else:
+                den = torch.ones((b, 1, h, w), dtype=torch.float64 if src_dtype == torch.float64 else torch.float32)
+                module._backward(out_like, src, disp, metric, out_like, den, *need)
+        elif op == "flow_warp":
+            if kind == "fwd":
+                module._variant_forward(src, disp, padding, False, True, need[0])
+            else:
+                mask_like = _tensor((b, 1, h, w), src_dtype)
+                module._variant_backward(out_like, mask_like, src, disp, padding, need[0], need[1], det, True, need[2])
         elif op == "warp":
             if kind == "fwd":
                 module._forward(src, disp, padding, False)

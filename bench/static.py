@@ -58,6 +58,13 @@ VARIANTS = [
     ("warp3d", "bwd", (False, True), False, "bwd-disp"),
     ("warp3d", "bwd", (True, True), False, "bwd-both"),
     ("warp3d", "bwd", (True, True), True, "bwd-both-det"),
+    ("flow_warp", "fwd", (False,), False, "fwd"),
+    ("flow_warp", "fwd", (True,), False, "fwd-mask"),
+    ("flow_warp", "bwd", (True, True, True), False, "bwd-both-mask"),
+    ("splat", "fwd", ("sum",), False, "fwd-sum"),
+    ("splat", "fwd", ("softmax",), False, "fwd-softmax"),
+    ("splat", "fwd", ("softmax",), True, "fwd-softmax-det"),
+    ("splat", "bwd", ("softmax", True, True, True), False, "bwd-all"),
 ]
 
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
@@ -68,6 +75,19 @@ def min_bytes(op: str, direction: str, needs, shape, s: int, d: int) -> int:
     """SPEC section 5's minimum bytes, extended to the fused ops' extra fields and to volumes."""
     c = shape[1]
     n = m = math.prod(shape) // c  # the benchmark warps an image (volume) onto a grid of its own size
+    if op == "splat":
+        metric = n * d if needs[0] in ("linear", "softmax") else 0
+        if direction == "fwd":  # src, flow, metric read; out written (the accumulators are scratch)
+            return m * c * s + 2 * n * d + metric + n * c * s
+        # ∂L/∂out read (as ∂L/∂num) and src, flow, metric; each gradient asked for written once.
+        need_src, need_flow, need_metric = needs[1:]
+        return (n * c * s + m * c * s + 2 * n * d + metric + need_src * m * c * s + need_flow * 2 * n * d
+                + need_metric * metric)
+    if op == "flow_warp":
+        mask = needs[-1] * n * s  # the mask written, or its gradient read
+        if direction == "fwd":
+            return 2 * n * d + m * c * s + n * c * s + mask
+        return min_bytes("warp", direction, needs[:2], shape, s, d) + mask
     # δ (2 channels; 3 for volumes), or δ_a, δ_b and two logits
     fields = {"merged_warp": 6, "warp3d": 3}.get(op, 2)
     if direction == "fwd":

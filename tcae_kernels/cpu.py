@@ -1,4 +1,4 @@
-"""Compiled CPU kernels of every warp op (numba): the Triton kernels' math as loops over pixels.
+"""Compiled CPU kernels of every op (numba): the Triton kernels' math as loops over pixels.
 
 numba compiles them with LLVM at the first call (no C/C++ toolchain on the
 user's machine; 2-4 s for each op's forward or backward and dtype) and caches
@@ -42,6 +42,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from .fallback import splat_importance, splat_output_grads
+
 try:
     import numba
     from numba import njit
@@ -58,7 +60,7 @@ def available() -> bool:
 
 @functools.cache
 def kernels_or_none() -> SimpleNamespace | None:
-    """This module's six entry points when numba is usable, else None after one warning.
+    """This module's entry points when numba is usable, else None after one warning.
 
     The caller registers them as the CPU kernels of the custom ops, or keeps
     the eager PyTorch fallback when this returns None.
@@ -66,8 +68,10 @@ def kernels_or_none() -> SimpleNamespace | None:
     if available():
         return SimpleNamespace(
             warp_forward=warp_forward, warp_backward=warp_backward,
+            warp_variant_forward=warp_variant_forward, warp_variant_backward=warp_variant_backward,
             merged_warp_forward=merged_warp_forward, merged_warp_backward=merged_warp_backward,
             warp_l1_forward=warp_l1_forward, warp_l1_backward=warp_l1_backward,
+            splat_forward=splat_forward, splat_backward=splat_backward,
         )
     warnings.warn(
         f"tcae_kernels: numba is not usable ({type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR}); CPU tensors "
@@ -344,22 +348,40 @@ if numba is not None:
             gdisp[ux + np.uint64(x)] = (-sums[0, x] if flags[0][x] else zero) if flags[2][x] else np.nan
             gdisp[uy + np.uint64(x)] = (-sums[1, x] if flags[1][x] else zero) if flags[2][x] else np.nan
 
+    @_jit(inline="always")
+    def _row_field(disp, ox, oy, w, flow, neg):
+        """Where one row's δ is read: (dsx, ox, dsy, oy) of disp, or for a flow (x + f = x − (−f),
+        exact) the row negated into the scratch neg [2, W], which stays in cache."""
+        if flow:
+            for x in range(w):
+                neg[0, x] = -disp[ox + x]
+                neg[1, x] = -disp[oy + x]
+            return neg[0], 0, neg[1], 0
+        return disp, ox, disp, oy
+
     @_jit
-    def _warp_fwd(src, ss, disp, out, so, sizes, border, r0, r1):
-        """Rows r0 … r1 − 1 (over B·H) of T(src, δ); disp contiguous [B, 2, H, W]."""
+    def _warp_fwd(src, ss, disp, out, so, mask, sizes, border, flow, want_mask, r0, r1):
+        """Rows r0 … r1 − 1 (over B·H) of T(src, δ), or of the warp at x + disp when ``flow``;
+        disp contiguous [B, 2, H, W]. With want_mask, mask [B, H·W] (contiguous) gets each
+        pixel's weight inside src (NaN at a non-finite δ)."""
         b_, c_, h, w, h_in, w_in = sizes
         hw = h * w
         xs = _coords(w, disp)
         bounds = _clamp_bounds(disp, w_in, h_in, border)
         scratch = _scratch(w, src)
         off, wts, _, flags = scratch
+        neg = np.empty((2, w), disp.dtype)
         for q in range(r0, r1):
             b = q // h
             y = q - b * h
-            _row_positions(disp, b * 2 * hw + y * w, disp, b * 2 * hw + hw + y * w, xs, disp.dtype.type(y),
-                           bounds, border, w_in, h_in, ss[2], ss[3], scratch)
+            dsx, ox, dsy, oy = _row_field(disp, b * 2 * hw + y * w, b * 2 * hw + hw + y * w, w, flow, neg)
+            _row_positions(dsx, ox, dsy, oy, xs, disp.dtype.type(y), bounds, border, w_in, h_in, ss[2], ss[3], scratch)
             _interpolate_channels(src, ss, off, wts, out, so, b, y, c_, w)
             _nan_where_not_finite(out, b * so[0] + y * so[2], so[1], so[3], c_, flags[2])
+            if want_mask:
+                for x in range(w):
+                    m = (wts[0][x] + wts[1][x]) + (wts[2][x] + wts[3][x])
+                    mask[b * hw + y * w + x] = m if flags[2][x] else np.nan
 
     @_jit
     def _merge_row(fa, fb, la, lb, b, y, w, hw, rows):
@@ -441,9 +463,12 @@ if numba is not None:
                     gsrc[row + np.uint64(xx) * step] = zero
 
     @_jit
-    def _warp_bwd(src, ss, disp, g, sg, gdisp, gsrc, sizes, border, need_src, need_disp, groups, u0, u1):
+    def _warp_bwd(src, ss, disp, g, sg, gmask, flow, want_mask, gdisp, gsrc, sizes, border, need_src, need_disp,
+                  groups, u0, u1):
         """Backward tasks u0 … u1 − 1 (see _unit): ∂L/∂src of the task's planes into gsrc (src's
         strides; zeroed first) and/or ∂L/∂δ of its rows into gdisp (contiguous [B, 2, H, W]).
+        With ``flow`` the warp samples at x + disp and gdisp is ∂L/∂disp; with want_mask, ∂L/∂mask
+        (gmask, contiguous [B, H·W]) adds its position gradient.
 
         Both at once only with one task per batch element (groups = 1): ∂L/∂δ needs every channel.
         Each plane sums its terms row by row, pixel by pixel, however the work is split.
@@ -455,22 +480,34 @@ if numba is not None:
         scratch = _scratch(w, src)
         off, wts, axw, flags = scratch
         sums = np.empty((2, w), src.dtype)
+        neg = np.empty((2, w), disp.dtype)
         for u in range(u0, u1):
             b, c0, c1, y0, y1 = _unit(u, groups, need_src, c_, h)
             if need_src:
                 _zero_planes(gsrc, ss, b, c0, c1, h_in, w_in)
             for y in range(y0, y1):
                 yf = disp.dtype.type(y)
-                ox, oy = b * 2 * hw + y * w, b * 2 * hw + hw + y * w
-                _row_positions(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
+                dsx, ox, dsy, oy = _row_field(disp, b * 2 * hw + y * w, b * 2 * hw + hw + y * w, w, flow, neg)
+                _row_positions(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
                 gb = np.uint64(b * sg[0] + y * sg[2])
                 if need_src:
                     _scatter_row(g, gb, np.uint64(sg[1]), np.uint64(sg[3]), off, wts,
                                  gsrc, np.uint64(b * ss[0]), np.uint64(ss[1]), c0, c1, w)
                 if need_disp:
-                    _row_gradient_terms(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, scratch)
+                    _row_gradient_terms(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, scratch)
                     _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, g,
                                    gb, np.uint64(sg[1]), np.uint64(sg[3]), c_, sums, w)
+                    if want_mask:
+                        # The mask is Σ_n wts[n]: its slopes are those of the weights.
+                        for x in range(w):
+                            gm = gmask[b * hw + y * w + x]
+                            sums[0, x] += gm * ((axw[0][x] + axw[1][x]) + (axw[2][x] + axw[3][x]))
+                            sums[1, x] += gm * ((axw[4][x] + axw[5][x]) + (axw[6][x] + axw[7][x]))
+                    if flow:
+                        # ∂x̂/∂f = +1: _disp_grad_row's −sums comes out with the sign flipped, exactly.
+                        for x in range(w):
+                            sums[0, x] = -sums[0, x]
+                            sums[1, x] = -sums[1, x]
                     _disp_grad_row(gdisp, b * 2 * hw + y * w, hw, sums, flags, w)
 
     @_jit
@@ -616,6 +653,126 @@ if numba is not None:
                     _disp_grad_row(gdisp, b * 2 * hw + y * w, hw, sums, flags, w)
 
 
+if numba is not None:
+
+    @_jit(inline="always")
+    def _splat_corners(x, y, fx, fy, w, h, one):
+        """The four corners around (x + fx, y + fy) (a finite flow): clamped flat indices,
+        bilinear weights (0 outside) and their slopes along x̂ and ŷ (as _row_gradient_terms)."""
+        zero = one - one
+        lo = -(one + one)
+        x0, ax, _ = _axis(x, -fx, lo, w + one, False, one)
+        y0, ay, _ = _axis(y, -fy, lo, h + one, False, one)
+        vx0 = x0 >= 0 and x0 < w
+        vx1 = x0 >= -1 and x0 < w - 1
+        vy0 = y0 >= 0 and y0 < h
+        vy1 = y0 >= -1 and y0 < h - 1
+        wx0 = one - ax if vx0 else zero
+        wx1 = ax if vx1 else zero
+        wy0 = one - ay if vy0 else zero
+        wy1 = ay if vy1 else zero
+        cx0 = min(max(x0, 0), w - 1)
+        cx1 = min(max(x0 + 1, 0), w - 1)
+        cy0 = min(max(y0, 0), h - 1) * w
+        cy1 = min(max(y0 + 1, 0), h - 1) * w
+        idx = (cy0 + cx0, cy0 + cx1, cy1 + cx0, cy1 + cx1)
+        wts = (wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1)
+        dx = (-wy0 if vx0 else zero, wy0 if vx1 else zero, -wy1 if vx0 else zero, wy1 if vx1 else zero)
+        dy = (-wx0 if vy0 else zero, -wx1 if vy0 else zero, wx0 if vy1 else zero, wx1 if vy1 else zero)
+        return idx, wts, dx, dy
+
+    @_jit
+    def _splat_fwd(src, ss, flow, zs, num, den, sizes, normalize, u0, u1):
+        """Batch elements u0 … u1 − 1 of the splat (x + flow): num [B, C, H·W] and den [B, H·W]
+        (contiguous, zeroed here) receive z·w·src and z·w, pixel by pixel in order. flow is
+        contiguous [B, 2, H, W], zs the importance z [B, H·W] (0 where the flow is not finite)."""
+        b_, c_, h, w = sizes
+        hw = h * w
+        one = flow.dtype.type(1)
+        for b in range(u0, u1):
+            num[b * c_ * hw:(b + 1) * c_ * hw] = 0
+            den[b * hw:(b + 1) * hw] = 0
+            for y in range(h):
+                for x in range(w):
+                    p = y * w + x
+                    fx = flow[b * 2 * hw + p]
+                    fy = flow[b * 2 * hw + hw + p]
+                    z = zs[b * hw + p]
+                    if not (fx - fx == 0 and fy - fy == 0) or z == 0:
+                        continue  # a non-finite flow sends nothing
+                    idx, wts, _, _ = _splat_corners(flow.dtype.type(x), flow.dtype.type(y), fx, fy, w, h, one)
+                    # As the kernels: each weight rounded once, then times z, then times the value.
+                    for n in range(4):
+                        wn = wts[n] * z
+                        if wn == 0:
+                            continue
+                        q = idx[n]
+                        if normalize:
+                            den[b * hw + q] += wn
+                        for c in range(c_):
+                            num[(b * c_ + c) * hw + q] += wn * src[b * ss[0] + c * ss[1] + y * ss[2] + x * ss[3]]
+
+    @_jit
+    def _splat_bwd(src, ss, flow, zs, gn, sg, gd, gsrc, gflow, gz, sizes, need_src, normalize, r0, r1):
+        """Rows r0 … r1 − 1 (over B·H) of the splat's backward, a gather at x + flow: gsrc [B, C, H·W]
+        = z·(∂L/∂num sampled), gflow [B, 2, H·W] = z·slopes, gz [B, H·W] = ∂L/∂z (all contiguous;
+        zeros where the flow is not finite). gn: ∂L/∂num (strides sg); gd: ∂L/∂den [B, H·W]."""
+        b_, c_, h, w = sizes
+        hw = h * w
+        one = flow.dtype.type(1)
+        zero = one - one
+        for r in range(r0, r1):
+            b = r // h
+            y = r - b * h
+            for x in range(w):
+                p = y * w + x
+                fx = flow[b * 2 * hw + p]
+                fy = flow[b * 2 * hw + hw + p]
+                z = zs[b * hw + p]
+                if not (fx - fx == 0 and fy - fy == 0):
+                    if need_src:
+                        for c in range(c_):
+                            gsrc[(b * c_ + c) * hw + p] = zero
+                    gflow[b * 2 * hw + p] = zero
+                    gflow[b * 2 * hw + hw + p] = zero
+                    gz[b * hw + p] = zero
+                    continue
+                idx, wts, dx, dy = _splat_corners(flow.dtype.type(x), flow.dtype.type(y), fx, fy, w, h, one)
+                acc_z = zero
+                sx = zero
+                sy = zero
+                # The corners' offsets in ∂L/∂num (any strides).
+                o0 = (idx[0] // w) * sg[2] + (idx[0] % w) * sg[3]
+                o1 = (idx[1] // w) * sg[2] + (idx[1] % w) * sg[3]
+                o2 = (idx[2] // w) * sg[2] + (idx[2] % w) * sg[3]
+                o3 = (idx[3] // w) * sg[2] + (idx[3] % w) * sg[3]
+                for c in range(c_):
+                    gb = b * sg[0] + c * sg[1]
+                    v0 = gn[gb + o0]
+                    v1 = gn[gb + o1]
+                    v2 = gn[gb + o2]
+                    v3 = gn[gb + o3]
+                    sampled = (wts[0] * v0 + wts[1] * v1) + (wts[2] * v2 + wts[3] * v3)
+                    if need_src:
+                        gsrc[(b * c_ + c) * hw + p] = z * sampled
+                    sv = src[b * ss[0] + c * ss[1] + y * ss[2] + x * ss[3]]
+                    acc_z += sv * sampled
+                    sx += sv * ((dx[0] * v0 + dx[1] * v1) + (dx[2] * v2 + dx[3] * v3))
+                    sy += sv * ((dy[0] * v0 + dy[1] * v1) + (dy[2] * v2 + dy[3] * v3))
+                if normalize:
+                    d0 = gd[b * hw + idx[0]]
+                    d1 = gd[b * hw + idx[1]]
+                    d2 = gd[b * hw + idx[2]]
+                    d3 = gd[b * hw + idx[3]]
+                    acc_z += (wts[0] * d0 + wts[1] * d1) + (wts[2] * d2 + wts[3] * d3)
+                    sx += (dx[0] * d0 + dx[1] * d1) + (dx[2] * d2 + dx[3] * d3)
+                    sy += (dy[0] * d0 + dy[1] * d1) + (dy[2] * d2 + dy[3] * d3)
+                # ∂(x + f)/∂f = +1.
+                gflow[b * 2 * hw + p] = z * sx
+                gflow[b * 2 * hw + hw + p] = z * sy
+                gz[b * hw + p] = acc_z
+
+
 # Below this many output values a call runs on the calling thread only: handing
 # work to another thread costs tens of µs, more on a busy machine.
 PARALLEL_MIN_VALUES = 1 << 16
@@ -737,15 +894,29 @@ def _backward(kernel, head: tuple, gsrc: np.ndarray, sizes: tuple[int, ...], pad
 
 def warp_forward(src: torch.Tensor, disp: torch.Tensor, padding: str) -> torch.Tensor:
     """T(src, δ): src [B, C, H_in, W_in], disp [B, 2, H, W] in pixels → [B, C, H, W] in src's dtype."""
+    return warp_variant_forward(src, disp, padding, False, False)[0]
+
+
+def warp_variant_forward(
+    src: torch.Tensor, disp: torch.Tensor, padding: str, flow: bool, with_mask: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out, mask or None): src sampled at x − disp, or at x + disp when ``flow`` (pixels); mask
+    [B, 1, H, W] in src's dtype, the bilinear weight inside src (NaN at a non-finite disp)."""
     acc = _acc(src.dtype)
     b, c, _, _ = src.shape
     h, w = disp.shape[2:]
     out = torch.empty((b, c, h, w), dtype=acc, memory_format=_memory_format(src))
-    if out.numel():
+    mask = torch.empty((b, 1, h, w), dtype=acc) if with_mask else None
+    if b * h * w and (c or with_mask):
         s, ss, h_in, w_in = _source(src, acc)
         sizes = (b, c, h, w, h_in, w_in)
-        _run(_warp_fwd, (s, ss, _field(disp, acc), *_flat(out), sizes, padding == "border"), b * h, out.numel())
-    return _as(out, src.dtype)
+        args = (s, ss, _field(disp, acc), *_flat(out), _flat(mask)[0] if with_mask else _none(acc), sizes,
+                padding == "border", flow, with_mask)
+        _run(_warp_fwd, args, b * h, max(out.numel(), b * h * w))
+        if with_mask and src.shape[2] * src.shape[3] == 0:
+            # _source stood in a zero pixel for the empty src; no weight falls inside nothing.
+            mask = torch.zeros_like(mask).masked_fill(~torch.isfinite(disp).all(dim=1, keepdim=True), float("nan"))
+    return _as(out, src.dtype), _as(mask, src.dtype) if with_mask else None
 
 
 def _grad_src(src: torch.Tensor, acc: torch.dtype, need: bool, h: int, w: int) -> tuple[torch.Tensor | None, bool]:
@@ -763,6 +934,15 @@ def warp_backward(
     grad_out: torch.Tensor, src: torch.Tensor, disp: torch.Tensor, padding: str, need_src: bool, need_disp: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(∂L/∂src in src's dtype and memory format | None, ∂L/∂δ contiguous in disp's dtype | None)."""
+    return warp_variant_backward(grad_out, None, src, disp, padding, need_src, need_disp, False)
+
+
+def warp_variant_backward(
+    grad_out: torch.Tensor, grad_mask: torch.Tensor | None, src: torch.Tensor, disp: torch.Tensor, padding: str,
+    need_src: bool, need_disp: bool, flow: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """warp_backward for warp_variant_forward: grad_mask is ∂L/∂mask [B, 1, H, W] or None;
+    with ``flow`` the second gradient is ∂L/∂disp of the warp at x + disp."""
     acc = _acc(src.dtype)
     b, c, _, _ = src.shape
     h, w = disp.shape[2:]
@@ -770,7 +950,10 @@ def warp_backward(
     grad_disp = torch.empty(disp.shape, dtype=acc) if need_disp else None
     if scatter or need_disp:
         s, ss, h_in, w_in = _source(src, acc, grad_src if scatter else None)
-        head = (s, ss, _field(disp, acc), *_flat(_to(grad_out, acc)),
+        # An empty src's mask is 0 wherever δ is: no gradient (the kernel's stand-in pixel would give one).
+        want_mask = grad_mask is not None and src.shape[2] * src.shape[3] > 0
+        gmask = _field(grad_mask, acc) if want_mask else _none(acc)
+        head = (s, ss, _field(disp, acc), *_flat(_to(grad_out, acc)), gmask, flow, want_mask,
                 _flat(grad_disp)[0] if need_disp else _none(acc))
         gs = _flat(grad_src)[0] if scatter else _none(acc)
         _backward(_warp_bwd, head, gs, (b, c, h, w, h_in, w_in), padding, scatter, (need_disp,))
@@ -870,6 +1053,64 @@ def warp_l1_backward(
         _as(grad_src, src.dtype) if need_src else None,
         _as(grad_disp, disp.dtype) if need_disp else None,
         _as(grad_target, target.dtype) if need_target else None,
+    )
+
+
+def _splat_importance(flow: torch.Tensor, metric: torch.Tensor, mode: str, acc: torch.dtype) -> torch.Tensor:
+    """z per source pixel, contiguous [B, H·W] in acc: 1, metric or exp(metric − max); 0 at a non-finite flow."""
+    b, _, h, w = flow.shape
+    return splat_importance(metric, mode, torch.isfinite(flow).all(dim=1).reshape(b, h * w), acc).contiguous()
+
+
+def splat_forward(
+    src: torch.Tensor, flow: torch.Tensor, metric: torch.Tensor, mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ops.splat's (out, den) (x + flow, pixels): out in src's dtype and memory format, den
+    [B, 1, H, W] in the arithmetic dtype for the normalized modes (empty for "sum")."""
+    acc = _acc(src.dtype)
+    b, c, h, w = src.shape
+    normalize = mode != "sum"
+    num = torch.zeros((b, c, h, w), dtype=acc)
+    den = torch.zeros((b, 1, h, w), dtype=acc)
+    if b * h * w:
+        s, ss, _, _ = _source(src, acc)
+        z = _splat_importance(flow, metric, mode, acc)
+        args = (s, ss, _field(flow, acc), z.numpy().reshape(-1), num.numpy().reshape(-1), den.numpy().reshape(-1),
+                (b, c, h, w), normalize)
+        _run(_splat_fwd, args, b, num.numel())
+    fmt = _memory_format(src)
+    if not normalize:
+        return _as(num, src.dtype).contiguous(memory_format=fmt), torch.empty(0, dtype=acc)
+    out = torch.where(den != 0, num / den, 0.0)
+    return _as(out, src.dtype).contiguous(memory_format=fmt), den
+
+
+def splat_backward(
+    grad_out: torch.Tensor, src: torch.Tensor, flow: torch.Tensor, metric: torch.Tensor, out: torch.Tensor,
+    den: torch.Tensor, mode: str, need_src: bool, need_flow: bool, need_metric: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(∂L/∂src, ∂L/∂flow, ∂L/∂metric) of splat_forward; an empty tensor for each not asked for."""
+    acc = _acc(src.dtype)
+    b, c, h, w = src.shape
+    grad_src = torch.zeros((b, c, h, w), dtype=acc)
+    grad_flow = torch.zeros((b, 2, h, w), dtype=acc)
+    gz = torch.zeros((b, 1, h, w), dtype=acc)
+    z = _splat_importance(flow, metric, mode, acc)
+    if b * h * w and (need_src or need_flow or need_metric):
+        gn, gd = splat_output_grads(grad_out, out, den, mode)
+        s, ss, _, _ = _source(src, acc)
+        g, sg = _flat(gn)
+        d = gd.contiguous().numpy().reshape(-1) if gd is not None else _none(acc)
+        args = (s, ss, _field(flow, acc), z.numpy().reshape(-1), g, sg, d, grad_src.numpy().reshape(-1),
+                grad_flow.numpy().reshape(-1), gz.numpy().reshape(-1), (b, c, h, w), need_src, gd is not None)
+        _run(_splat_bwd, args, b * h, b * max(c, 1) * h * w)
+    if mode == "softmax":
+        gz = gz * z.view(b, 1, h, w)  # ∂z/∂metric = z
+    empty = torch.empty(0)
+    return (
+        _as(grad_src, src.dtype).contiguous(memory_format=_memory_format(src)) if need_src else empty.to(src.dtype),
+        _as(grad_flow, flow.dtype) if need_flow else empty.to(flow.dtype),
+        _as(gz, metric.dtype) if need_metric else empty.to(metric.dtype),
     )
 
 

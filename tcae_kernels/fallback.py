@@ -202,6 +202,64 @@ def warp_backward(
     return or_empty(grad_src, src), or_empty(grad_disp.to(disp.dtype) if need_disp else None, disp)
 
 
+def inside_mass(src: torch.Tensor, disp: torch.Tensor, padding: str) -> torch.Tensor:
+    """The validity mask of T(src, δ) (x − δ): the bilinear weight on neighbours inside src,
+    [B, 1, H, W] in src's dtype, NaN at a non-finite δ."""
+    b, _, h_in, w_in = src.shape
+    _, _, h, w = disp.shape
+    acc = acc_dtype(src)
+    if h_in * w_in == 0:
+        mass = torch.zeros(b, h * w, dtype=acc, device=src.device)
+        finite = torch.isfinite(disp).all(dim=1).reshape(b, h * w)
+    else:
+        nb = neighbours(disp, h_in, w_in, padding, acc)
+        mass = (nb.weight[0] + nb.weight[1]) + (nb.weight[2] + nb.weight[3])
+        finite = nb.finite
+    return _nan_where_not_finite(mass.unsqueeze(1), finite, disp.reshape(b, 2, h * w)).view(b, 1, h, w).to(src.dtype)
+
+
+def inside_mass_grad(grad_mask: torch.Tensor, src: torch.Tensor, disp: torch.Tensor, padding: str) -> torch.Tensor:
+    """∂L/∂δ through the mask alone (x − δ), [B, 2, H, W] in the arithmetic dtype: the mask
+    depends on the position only."""
+    b, _, h_in, w_in = src.shape
+    _, _, h, w = disp.shape
+    acc = acc_dtype(src)
+    if h_in * w_in == 0:
+        grad = torch.zeros(b, 2, h, w, dtype=acc, device=src.device)
+        return grad.masked_fill(~torch.isfinite(disp).all(dim=1, keepdim=True), float("nan"))
+    nb = neighbours(disp, h_in, w_in, padding, acc)
+    gm = grad_mask.reshape(b, h * w).to(acc)
+    # ∂x̂/∂δx = −1.
+    gx = -gm * ((nb.d_x[0] + nb.d_x[1]) + (nb.d_x[2] + nb.d_x[3])) * nb.gate_x
+    gy = -gm * ((nb.d_y[0] + nb.d_y[1]) + (nb.d_y[2] + nb.d_y[3])) * nb.gate_y
+    grad = torch.stack((gx, gy), dim=1)
+    return grad.masked_fill(~nb.finite.unsqueeze(1), float("nan")).view(b, 2, h, w)
+
+
+def warp_variant_forward(
+    src: torch.Tensor, disp: torch.Tensor, padding: str, deterministic: bool, flow: bool, with_mask: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, mask): T(src, δ) for disp = δ (x − δ), or sampled at x + disp when ``flow``; mask
+    [B, 1, H, W] when ``with_mask``, else empty."""
+    field = -disp if flow else disp  # exact: x + f = x − (−f)
+    out = warp_forward(src, field, padding, deterministic)
+    return out, inside_mass(src, field, padding) if with_mask else src.new_empty(0)
+
+
+def warp_variant_backward(
+    grad_out: torch.Tensor, grad_mask: torch.Tensor, src: torch.Tensor, disp: torch.Tensor, padding: str,
+    need_src: bool, need_disp: bool, deterministic: bool, flow: bool, with_mask: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(∂L/∂src, ∂L/∂disp) of :func:`warp_variant_forward`; grad_mask is empty without the mask."""
+    field = -disp if flow else disp
+    grad_src, grad_disp = _warp_grads(grad_out, src, field, padding, need_src, need_disp)
+    if need_disp:
+        if with_mask:
+            grad_disp = grad_disp + inside_mass_grad(grad_mask, src, field, padding)
+        grad_disp = (-grad_disp if flow else grad_disp).to(disp.dtype)
+    return or_empty(grad_src, src), or_empty(grad_disp, disp)
+
+
 def _merge(disp_a, disp_b, logit_a, logit_b):
     """The merged δ in float64 (as the kernels merge) and the weight of δ_a."""
     w_a = torch.sigmoid(logit_a.double() - logit_b.double())
@@ -383,6 +441,117 @@ def warp3d_backward(
         gd = sign * torch.stack([sums[k] * nb.gate[k] for k in range(3)], dim=1)
         grad_disp = gd.masked_fill(~nb.finite.unsqueeze(1), float("nan")).view(b, 3, d, h, w).to(disp.dtype)
     return or_empty(grad_src, src), or_empty(grad_disp, disp)
+
+
+def softmax_shift(metric: torch.Tensor) -> torch.Tensor:
+    """Each sample's largest metric, [B], in the arithmetic dtype (0 for an empty sample):
+    what softmax splatting subtracts before exp."""
+    dtype = torch.float64 if metric.dtype == torch.float64 else torch.float32
+    if metric.numel() == 0:
+        return metric.new_zeros(metric.shape[0], dtype=dtype)
+    return metric.detach().amax(dim=(1, 2, 3)).to(dtype)
+
+
+def splat_importance(metric: torch.Tensor, mode: str, finite: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """z of each source pixel, [B, P]: 1, metric or exp(metric − shift); 0 where the flow is not finite."""
+    if mode in ("sum", "average"):
+        z = torch.ones(finite.shape, dtype=acc, device=finite.device)
+    else:
+        z = metric.reshape(finite.shape).to(acc)
+        if mode == "softmax":
+            z = torch.exp(z - softmax_shift(metric).to(acc).unsqueeze(1))
+    return torch.where(finite, z, 0.0)
+
+
+def splat_forward(
+    src: torch.Tensor, flow: torch.Tensor, metric: torch.Tensor, mode: str, deterministic: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, den) of ops.splat (x + flow, pixels): den [B, 1, H, W] in the arithmetic dtype for
+    the normalized modes, empty for "sum"."""
+    b, c, h, w = src.shape
+    acc = acc_dtype(src)
+    n = h * w
+    num = torch.zeros(b, c, n, dtype=acc, device=src.device)
+    den = torch.zeros(b, n, dtype=acc, device=src.device)
+    if b * n:
+        nb = neighbours(-flow, h, w, "zeros", acc)  # exact: x + f = x − (−f)
+        z = splat_importance(metric, mode, nb.finite, acc)
+        vals = src.reshape(b, c, n).to(acc) * z.unsqueeze(1)
+        # Out of place: this is also the composite that torch.func and double backward differentiate.
+        for index, weight in zip(nb.index, nb.weight):
+            num = num.scatter_add(2, index.unsqueeze(1).expand(b, c, n), vals * weight.unsqueeze(1))
+            den = den.scatter_add(1, index, z * weight)
+    fmt = memory_format_of(src)
+    if mode == "sum":
+        return num.view(b, c, h, w).to(src.dtype).contiguous(memory_format=fmt), src.new_empty(0, dtype=acc)
+    d = den.view(b, 1, h, w)
+    # Dividing by 1 where nothing landed keeps NaN out of the gradient of the branch not taken.
+    out = torch.where(d != 0, num.view(b, c, h, w) / torch.where(d != 0, d, 1.0), 0.0)
+    return out.to(src.dtype).contiguous(memory_format=fmt), d
+
+
+def splat_output_grads(
+    grad_out: torch.Tensor, out: torch.Tensor, den: torch.Tensor, mode: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(∂L/∂num, ∂L/∂den or None) in the arithmetic dtype: out = num / den gives
+    ∂L/∂num = g / den and ∂L/∂den = −Σ_c g·out / den (both 0 where den is 0)."""
+    g = grad_out.to(acc_dtype(grad_out))
+    if mode == "sum":
+        return g, None
+    inv = torch.where(den != 0, 1 / den, 0.0)
+    return g * inv, -(g * out.to(g.dtype)).sum(dim=1, keepdim=True) * inv
+
+
+def splat_backward(
+    grad_out: torch.Tensor, src: torch.Tensor, flow: torch.Tensor, metric: torch.Tensor, out: torch.Tensor,
+    den: torch.Tensor, mode: str, need_src: bool, need_flow: bool, need_metric: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(∂L/∂src, ∂L/∂flow, ∂L/∂metric) of splat_forward, empty where not needed: a gather of
+    ∂L/∂num and ∂L/∂den at p + flow."""
+    b, c, h, w = src.shape
+    acc = acc_dtype(src)
+    n = h * w
+    if b * n == 0:
+        return (
+            or_empty(torch.zeros_like(src) if need_src else None, src),
+            or_empty(torch.zeros_like(flow) if need_flow else None, flow),
+            or_empty(torch.zeros_like(metric) if need_metric else None, metric),
+        )
+    gn, gd = splat_output_grads(grad_out, out, den, mode)
+    nb = neighbours(-flow, h, w, "zeros", acc)
+    z = splat_importance(metric, mode, nb.finite, acc)
+    gn = gn.reshape(b, c, n)
+    s = src.reshape(b, c, n).to(acc)
+    sampled = torch.zeros(b, c, n, dtype=acc, device=src.device)
+    slope_x = torch.zeros(b, n, dtype=acc, device=src.device)
+    slope_y = torch.zeros_like(slope_x)
+    for index, weight, d_x, d_y in zip(nb.index, nb.weight, nb.d_x, nb.d_y):
+        v = _gather(gn, index, acc)
+        sampled += v * weight.unsqueeze(1)
+        sv = (s * v).sum(dim=1)
+        slope_x += sv * d_x
+        slope_y += sv * d_y
+        if gd is not None:
+            vd = gd.reshape(b, n).gather(1, index)
+            slope_x += vd * d_x
+            slope_y += vd * d_y
+    grad_src = grad_flow = grad_metric = None
+    if need_src:
+        grad_src = (z.unsqueeze(1) * sampled).view(b, c, h, w).to(src.dtype)
+        grad_src = grad_src.contiguous(memory_format=memory_format_of(src))
+    if need_flow:
+        # ∂(x + f)/∂f = +1.
+        gf = torch.stack((z * slope_x, z * slope_y), dim=1)
+        grad_flow = torch.where(nb.finite.unsqueeze(1), gf, 0.0).view(b, 2, h, w).to(flow.dtype)
+    if need_metric:
+        gz = (s * sampled).sum(dim=1)
+        if gd is not None:
+            for index, weight in zip(nb.index, nb.weight):
+                gz = gz + gd.reshape(b, n).gather(1, index) * weight
+        if mode == "softmax":
+            gz = gz * z
+        grad_metric = torch.where(nb.finite, gz, 0.0).view(b, 1, h, w).to(metric.dtype)
+    return or_empty(grad_src, src), or_empty(grad_flow, flow), or_empty(grad_metric, metric)
 
 
 class _WarpTorch(torch.autograd.Function):

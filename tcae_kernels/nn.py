@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .checks import check_padding
-from .ops.warp import warp
+from .ops.warp import flow_warp, warp
 from .ops.warp3d import flow_warp3d, warp3d
 
 
@@ -29,6 +29,27 @@ class DisplacementWarp(nn.Module):
 
     def extra_repr(self) -> str:
         return f"padding={self.padding!r}"
+
+
+class FlowWarp(nn.Module):
+    """``flow_warp(src, flow, padding)`` as a module (no parameters): the x + flow convention.
+
+    src: [B, C, H_in, W_in]; flow: [B, 2, H, W] in pixels (x, y); returns [B, C, H, W],
+    src sampled at (x + flow_x, y + flow_y), or (out, mask [B, 1, H, W]) with
+    ``return_mask`` — RAFT's, PWC-Net's and VoxelMorph's backward warp.
+    """
+
+    def __init__(self, padding: str = "zeros", deterministic: bool | None = None, return_mask: bool = False) -> None:
+        super().__init__()
+        self.padding = check_padding(padding)
+        self.deterministic = deterministic
+        self.return_mask = return_mask
+
+    def forward(self, src: torch.Tensor, flow: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return flow_warp(src, flow, self.padding, self.deterministic, self.return_mask)
+
+    def extra_repr(self) -> str:
+        return f"padding={self.padding!r}, return_mask={self.return_mask}"
 
 
 class VolumeWarp(nn.Module):

@@ -134,3 +134,51 @@ def warp3d_naive(src: torch.Tensor, disp: torch.Tensor, padding: str = "zeros") 
                 vals = flat.gather(2, idx.view(b, 1, -1).expand(b, c, -1)).view(b, c, d, h, w)
                 out = out + vals * (wx * wy * wz * inside).unsqueeze(1)
     return torch.where(finite.unsqueeze(1), out, nan)
+
+
+def splat_naive(
+    src: torch.Tensor, flow: torch.Tensor, mode: str = "sum", metric: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Forward warping (splatting; Niklaus & Liu, CVPR 2020), plainly: the oracle of ``splat``.
+
+    Each source pixel p of src [B, C, H, W] adds z(p)·src[p] at p + flow(p)
+    (flow [B, 2, H, W] in pixels, x + flow), split bilinearly over the four
+    pixels around it; outside is dropped. z = 1 ("sum", "average"), metric
+    ("linear") or exp(metric − max metric) ("softmax", metric [B, 1, H, W]);
+    the normalized modes divide by the splatted z (0 where nothing landed). A
+    non-finite flow sends nothing. Differentiable by autograd; run it in float64.
+    """
+    b, c, h, w = src.shape
+    flow = flow.to(src.dtype)
+    finite = torch.isfinite(flow).all(dim=1)
+    f = torch.where(finite.unsqueeze(1), flow, torch.zeros_like(flow))
+    ys = torch.arange(h, device=src.device, dtype=src.dtype).view(1, h, 1)
+    xs = torch.arange(w, device=src.device, dtype=src.dtype).view(1, 1, w)
+    # Two pixels out every neighbour is outside; the clamp keeps indices small.
+    tx = (xs + f[:, 0]).clamp(-2, w + 1)
+    ty = (ys + f[:, 1]).clamp(-2, h + 1)
+    x0, y0 = torch.floor(tx), torch.floor(ty)
+    ax, ay = tx - x0, ty - y0
+    if mode in ("sum", "average"):
+        z = torch.ones_like(tx)
+    elif mode == "linear":
+        z = metric[:, 0].to(src.dtype)
+    else:
+        m = metric[:, 0].to(src.dtype)
+        z = torch.exp(m - m.detach().amax(dim=(1, 2), keepdim=True))
+    z = torch.where(finite, z, torch.zeros_like(z))
+    num = src.new_zeros(b, c, h * w)
+    den = src.new_zeros(b, h * w)
+    for dy, wy in ((0, 1 - ay), (1, ay)):
+        for dx, wx in ((0, 1 - ax), (1, ax)):
+            xi, yi = x0.long() + dx, y0.long() + dy
+            inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+            weight = (wx * wy * inside * z).view(b, h * w)
+            idx = torch.where(inside, yi * w + xi, torch.zeros_like(xi)).view(b, h * w)
+            num = num.scatter_add(2, idx.unsqueeze(1).expand(b, c, h * w), src.reshape(b, c, h * w) * weight.unsqueeze(1))
+            den = den.scatter_add(1, idx, weight)
+    num = num.view(b, c, h, w)
+    if mode == "sum":
+        return num
+    den = den.view(b, 1, h, w)
+    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(num))

@@ -273,3 +273,44 @@ def test_volume_warps_every_mode(op, padding):
     for got, want in zip(flat_jacobian(torch.func.jacrev(fn, argnums=(0, 1))(*inputs), n_out), jac):
         assert rel_err(got, want) <= TOLERANCES[torch.float64][1]
     assert torch.autograd.gradgradcheck(fn, tuple(t.clone().requires_grad_() for t in inputs))
+
+
+@pytest.mark.parametrize("op", ["flow_warp_mask", "splat_softmax", "splat_average"])
+def test_flow_warp_and_splat_every_mode(op):
+    """flow_warp (with its mask) and splat route like the other ops: forward mode and jacrev
+    match the float64 reference's Jacobian, and double backward passes gradgradcheck."""
+    from tcae_kernels import flow_warp, splat, splat_naive
+
+    gen = seeded("flow-splat", op)
+    b, c, h, w = 1, 2, 3, 4
+    whole = torch.randint(-1, 2, (b, 2, h, w), generator=gen).double()
+    flow = whole + 0.2 + 0.6 * torch.rand(b, 2, h, w, generator=gen, dtype=torch.float64)
+    src = torch.randn(b, c, h, w, generator=gen, dtype=torch.float64)
+    if op == "flow_warp_mask":
+        inputs = [src, flow]
+
+        def fn(s, f):
+            return torch.cat(flow_warp(s, f, return_mask=True), dim=1)
+
+        def ref(s, f):
+            return torch.cat((warp_naive(s, -f), warp_naive(torch.ones_like(s[:, :1]), -f)), dim=1)
+    else:
+        mode = op.split("_")[1]
+        metric = torch.randn(b, 1, h, w, generator=gen, dtype=torch.float64)
+        inputs = [src, flow, metric] if mode == "softmax" else [src, flow]
+
+        def fn(s, f, *m):
+            return splat(s, f, mode, *m)
+
+        def ref(s, f, *m):
+            return splat_naive(s, f, mode, *m)
+
+    n_out = ref(*inputs).numel()
+    jac = reference_jacobian(ref, inputs)
+    tangents = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in inputs]
+    _, tangent = torch.func.jvp(fn, tuple(inputs), tuple(tangents))
+    assert rel_err(tangent.flatten(), reference_jvp(jac, tangents)) <= TOLERANCES[torch.float64][1]
+    argnums = tuple(range(len(inputs)))
+    for got, want in zip(flat_jacobian(torch.func.jacrev(fn, argnums=argnums)(*inputs), n_out), jac):
+        assert rel_err(got, want) <= TOLERANCES[torch.float64][1]
+    assert torch.autograd.gradgradcheck(fn, tuple(t.clone().requires_grad_() for t in inputs))

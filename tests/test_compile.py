@@ -32,7 +32,9 @@ def test_every_launcher_specialisation_compiles(tmp_path):
     assert {r["kernel"] for r in records} == {
         "_warp_fwd_kernel", "_warp_bwd_kernel", "_merged_fwd_kernel", "_merged_bwd_kernel",
         "_warp_l1_fwd_kernel", "_warp_l1_bwd_kernel", "_warp3d_fwd_kernel", "_warp3d_bwd_kernel",
+        "_splat_fwd_kernel", "_splat_bwd_kernel",
     }
+    assert {r["op"] for r in records} >= {"flow_warp", "splat"}
     assert {r["dtype"] for r in records} >= {"float16", "bfloat16", "float32", "float64", "bfloat16+f32disp"}
     assert {(r["layout"], r["idx64"], r["deterministic"]) for r in records} >= {
         ("nchw", True, True), ("channels_last", False, True), ("nchw", False, False)}

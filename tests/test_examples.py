@@ -46,3 +46,8 @@ def test_registration3d_recovers_the_deformation():
     assert r["mse_after"] < 0.5 * r["mse_before"]
     assert r["disp_err_after"] < 0.5 * r["disp_err_before"]
     assert r["folded_after"] == 0.0
+
+
+def test_frame_interpolation_beats_averaging_the_frames():
+    r = load("frame_interpolation").main(size=32)
+    assert r["softmax_splat"] < 0.6 * r["baseline_average_frames"]

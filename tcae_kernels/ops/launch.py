@@ -101,12 +101,14 @@ def saving_inputs(n_tensors: int) -> Callable:
 COMPOSITES: dict[torch.library.CustomOpDef, Callable] = {}
 
 
-def register_autograd(op: torch.library.CustomOpDef, backward: Callable, n_tensors: int, composite: Callable) -> None:
+def register_autograd(op: torch.library.CustomOpDef, backward: Callable, n_tensors: int, composite: Callable,
+                      setup_context: Callable | None = None) -> None:
     """Give ``op`` (tensors first, then ``padding``, flags, ``deterministic``) its autograd.
 
     ``backward(ctx, *grads)`` is the first-order rule on the kernels: it
     returns one gradient (or None) per input, with ctx set by
-    ``saving_inputs(n_tensors)``. ``composite`` is the op in eager,
+    ``saving_inputs(n_tensors)``, or by ``setup_context`` where the op's
+    arguments need other names (it must set ctx.arguments as well). ``composite`` is the op in eager,
     differentiable PyTorch, with the op's arguments and results (its fallback
     forward); autograd must give it the op's gradients at every order.
 
@@ -120,20 +122,25 @@ def register_autograd(op: torch.library.CustomOpDef, backward: Callable, n_tenso
 
     def rule(ctx, *grads):
         if torch.is_grad_enabled():
-            return _composite_backward(ctx, composite, grads)
+            return _composite_backward(ctx, composite, n_tensors, grads)
         return backward(ctx, *grads)
 
-    op.register_autograd(rule, setup_context=saving_inputs(n_tensors))
+    op.register_autograd(rule, setup_context=setup_context or saving_inputs(n_tensors))
 
 
-def _composite_backward(ctx, composite: Callable, grads: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, ...]:
-    """The op's gradients through its composite, themselves differentiable (double backward)."""
-    tensors = ctx.saved_tensors
+def _composite_backward(ctx, composite: Callable, n_tensors: int, grads: tuple[torch.Tensor, ...]
+                        ) -> tuple[torch.Tensor | None, ...]:
+    """The op's gradients through its composite, themselves differentiable (double backward).
+    The op's tensor inputs are the first ``n_tensors`` saved (its outputs may follow)."""
+    tensors = ctx.saved_tensors[:n_tensors]
     needs = ctx.needs_input_grad[: len(tensors)]
     wrt = [t for t, need in zip(tensors, needs) if need]
     outputs = composite(*tensors, *ctx.arguments)
     outputs = tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
-    if any(o.requires_grad for o in outputs):
+    # An output that depends on no input (an empty "not asked for" one, say) takes no part.
+    pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
+    if pairs:
+        outputs, grads = zip(*pairs)
         found = iter(torch.autograd.grad(outputs, wrt, grads, create_graph=True, allow_unused=True))
     else:  # no output depends on an input (a source without pixels, say): all gradients are 0
         found = iter([None] * len(wrt))

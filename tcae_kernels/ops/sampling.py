@@ -206,6 +206,20 @@ def disp_grad(sum_x, sum_y, gate_x, gate_y, finite):
 
 
 @triton.jit
+def inside_mass(ax, ay, m00, m01, m10, m11, finite):
+    """The validity mask: the bilinear weight that falls on neighbours inside src, in [0, 1]
+    (what warping a plane of ones gives); NaN for a non-finite δ."""
+    mass = interpolate(m00.to(ax.dtype), m01.to(ax.dtype), m10.to(ax.dtype), m11.to(ax.dtype), ax, ay)
+    return tl.where(finite, mass, float("nan"))
+
+
+@triton.jit
+def inside_mass_grad(gm, ax, ay, m00, m01, m10, m11):
+    """gm · ∂mask/∂x̂ and gm · ∂mask/∂ŷ per pixel: the position gradient of a plane of ones."""
+    return position_grad(gm, m00.to(ax.dtype), m01.to(ax.dtype), m10.to(ax.dtype), m11.to(ax.dtype), ax, ay, 1)
+
+
+@triton.jit
 def fixed_point_scale(scale_ptr, b, c0, C, BLOCK_C: tl.constexpr):
     """The fixed-point scale of planes (b, c0 …) as two factors, each within float32's
     range, whose product may not be (deterministic mode; see launch.GradSrc)."""
@@ -247,6 +261,36 @@ def scatter_neighbours(
     _scatter_one(ptr + off + s_w, gb * ax, per_channel(m01, BLOCK_C) & cm, s0, s1, DETERMINISTIC)
     _scatter_one(ptr + off + s_h, gt - gt * ax, per_channel(m10, BLOCK_C) & cm, s0, s1, DETERMINISTIC)
     _scatter_one(ptr + off + s_h + s_w, gt * ax, per_channel(m11, BLOCK_C) & cm, s0, s1, DETERMINISTIC)
+
+
+@triton.jit
+def bilinear_weights(ax, ay):
+    """The four neighbours' weights (00, 01, 10, 11), each within a few ulp of itself.
+
+    scatter_neighbours forms g·ay as g − g·(1 − ay), exact to an ulp of g: fine
+    for a gradient, but a normalized splat divides what landed by the weight
+    that landed, and where that weight is tiny the two must be rounded alike.
+    """
+    bx = 1.0 - ax
+    by = 1.0 - ay
+    return bx * by, ax * by, bx * ay, ax * ay
+
+
+@triton.jit
+def scatter_weighted(
+    ptr, off, s_h, s_w, v, w00, w01, w10, w11, m00, m01, m10, m11, cm, scale_ptr, b, c0, C,
+    DETERMINISTIC: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """ptr += v · w_n at each in-bounds neighbour n (one channel tile of batch element b); the
+    weights come shaped for the tile."""
+    s0 = 1.0
+    s1 = 1.0
+    if DETERMINISTIC:
+        s0, s1 = fixed_point_scale(scale_ptr, b, c0, C, BLOCK_C)
+    _scatter_one(ptr + off, v * w00, per_channel(m00, BLOCK_C) & cm, s0, s1, DETERMINISTIC)
+    _scatter_one(ptr + off + s_w, v * w01, per_channel(m01, BLOCK_C) & cm, s0, s1, DETERMINISTIC)
+    _scatter_one(ptr + off + s_h, v * w10, per_channel(m10, BLOCK_C) & cm, s0, s1, DETERMINISTIC)
+    _scatter_one(ptr + off + s_h + s_w, v * w11, per_channel(m11, BLOCK_C) & cm, s0, s1, DETERMINISTIC)
 
 
 @triton.jit
