@@ -273,3 +273,26 @@ def test_custom_op_compiles_fullgraph():
         fn(s, fl).backward()
         grads.append((s.grad, fl.grad))
     assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-6) for a, b in zip(*grads))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh runs it)")
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_cuda_matches_reference(padding, dtype, layout, deterministic):
+    """The Triton kernels on a GPU, compiled (not interpreted): flow_warp with its mask."""
+    gen = seeded("cuda", padding, str(dtype), layout, deterministic)
+    b, c, h_in, w_in, h, w = 2, 5, 37, 41, 33, 45
+    src = torch.randn(b, c, h_in, w_in, generator=gen, dtype=torch.float64).to(dtype)
+    if layout == "channels_last":
+        src = src.contiguous(memory_format=torch.channels_last)
+    flow = make_disp("large", b, h, w, torch.float32 if dtype == torch.bfloat16 else dtype, "cpu", gen)
+    grad_out = torch.randn(b, c, h, w, generator=gen, dtype=torch.float64)
+    grad_mask = torch.randn(b, 1, h, w, generator=gen, dtype=torch.float64)
+    got = run(src.cuda(), flow.cuda(), padding, grad_out.cuda(), grad_mask.cuda(), deterministic=deterministic)
+    want = reference(src, flow, padding, grad_out, grad_mask)
+    tol_fwd, tol_grad = TOL[dtype]
+    for name, x, y, tol in zip(("out", "mask", "grad src", "grad flow"), got, want,
+                               (tol_fwd, tol_fwd, tol_grad, tol_grad)):
+        assert rel_err(x.cpu(), y) <= tol, (name, rel_err(x.cpu(), y))

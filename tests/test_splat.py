@@ -226,3 +226,21 @@ def test_export_keeps_one_node_per_op():
     graph = torch.export.export(M(), (src, flow, metric)).graph
     ops = sorted(str(n.target) for n in graph.nodes if str(n.target).startswith("tcae_kernels"))
     assert ops == ["tcae_kernels.splat.default", "tcae_kernels.warp_variant.default"], ops
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh runs it)")
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_matches_reference(mode, dtype, deterministic):
+    """The Triton kernels on a GPU, compiled (not interpreted), both accumulations; the
+    deterministic forward also bitwise repeatable."""
+    gen = seeded("cuda", mode, str(dtype), deterministic)
+    src, flow, metric = inputs(mode, dtype, gen, shape=(2, 5, 37, 45), kind="large")
+    grad_out = torch.randn(src.shape, generator=gen, dtype=torch.float64)
+    on = [None if t is None else t.cuda() for t in (src, flow, metric)]
+    got = run(splat, on[0], on[1], mode, on[2], grad_out.cuda(), deterministic=deterministic)
+    check((got[0].cpu(), [g.cpu() for g in got[1]]), reference(src, flow, mode, metric, grad_out), dtype)
+    if deterministic:
+        again = run(splat, on[0], on[1], mode, on[2], grad_out.cuda(), deterministic=True)
+        assert torch.equal(got[0], again[0])
