@@ -643,7 +643,9 @@ if numba is not None:
                     val = (wts[0][x] * src[base + off[0][x]] + wts[1][x] * src[base + off[1][x]]) + (
                         wts[2][x] * src[base + off[2][x]] + wts[3][x] * src[base + off[3][x]])
                     diff = val - tgt[tb + np.uint64(x) * np.uint64(st[3])]
-                    rowg[rb + np.uint64(x)] = g_b if diff > 0 else (-g_b if diff < 0 else zero)
+                    # Two selects, not nested branches: the sign of a difference is unpredictable.
+                    gv = g_b if diff > 0 else zero
+                    rowg[rb + np.uint64(x)] = -g_b if diff < 0 else gv
                 if need_target:
                     ob = np.uint64(((b * c_ + c) * h + y) * w)
                     for x in range(w):
