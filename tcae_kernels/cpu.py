@@ -97,6 +97,10 @@ def _jit(fn=None, **options):
 #   LLVM (too many runtime alias checks), hence several small loops.
 # - Offsets are uint64: numba adds a negative-index wraparound to signed
 #   indices, which turns contiguous loads into slow gathers.
+# - The backward row loops are functions of their own compiled with
+#   _nrt=False, their arrays allocated by the caller: numba's reference-count
+#   pruning gives up on large functions and leaves an atomic incref/decref of
+#   every array an inlined helper receives, in every row.
 # A row scratch (see _scratch) holds for each pixel x of the row: off[n][x],
 # the offset in src of neighbour n (00, 01, 10, 11: (y0, x0), (y0, x1), ...),
 # clamped into src; wts[n][x], its bilinear weight (0 outside src and at a
@@ -675,7 +679,7 @@ if numba is not None:
         bounds = _clamp_bounds(disp, w_in, h_in, border)
         scratch = _scratch(w, src)
         sums = np.empty((2, w), src.dtype)
-        rowg = np.empty(c_ * w, src.dtype)
+        rowg = np.empty(c_ * w, src.dtype)  # ∂loss/∂out of one row, [C, W]
         for u in range(u0, u1):
             b, c0, c1, y0, y1 = _unit(u, groups, need_src, c_, h)
             if need_src:
