@@ -101,6 +101,10 @@ def _jit(fn=None, **options):
 #   LLVM (too many runtime alias checks), hence several small loops.
 # - Offsets are uint64: numba adds a negative-index wraparound to signed
 #   indices, which turns contiguous loads into slow gathers.
+# - The backward row loops are functions of their own compiled with
+#   _nrt=False, their arrays allocated by the caller: numba's reference-count
+#   pruning gives up on large functions and leaves an atomic incref/decref of
+#   every array an inlined helper receives, in every row.
 # A row scratch (see _scratch) holds for each pixel x of the row: off[n][x],
 # the offset in src of neighbour n (00, 01, 10, 11: (y0, x0), (y0, x1), ...),
 # clamped into src; wts[n][x], its bilinear weight (0 outside src and at a
@@ -208,6 +212,37 @@ if numba is not None:
             wts[1][x] = wy0 * wx1
             wts[2][x] = wy1 * wx0
             wts[3][x] = wy1 * wx1
+            flags[2][x] = f
+
+    @_jit(inline="always")
+    def _row_offsets(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, s_h, s_w, scratch):
+        """_row_positions without the weights: off and finite, all that ∂L/∂δ alone needs of a row.
+
+        Four stores fewer per pixel: about a third of that pass's time.
+        """
+        off, _, _, flags = scratch
+        lo_x, hi_x, lo_y, hi_y = bounds
+        one = xs.dtype.type(1)
+        zero = one - one
+        us_h = np.uint64(s_h)
+        us_w = np.uint64(s_w)
+        uox = np.uint64(ox)
+        uoy = np.uint64(oy)
+        for x in range(xs.shape[0]):
+            dx = dsx[uox + np.uint64(x)]
+            dy = dsy[uoy + np.uint64(x)]
+            xf = xs[x]
+            f = (dx - dx == zero) and (dy - dy == zero)
+            x0, _, _ = _axis(xf, dx if f else xf, lo_x, hi_x, border, one)
+            y0, _, _ = _axis(yf, dy if f else yf, lo_y, hi_y, border, one)
+            cx0 = np.uint64(min(max(x0, 0), w_in - 1)) * us_w
+            cx1 = np.uint64(min(max(x0 + 1, 0), w_in - 1)) * us_w
+            cy0 = np.uint64(min(max(y0, 0), h_in - 1)) * us_h
+            cy1 = np.uint64(min(max(y0 + 1, 0), h_in - 1)) * us_h
+            off[0][x] = cy0 + cx0
+            off[1][x] = cy0 + cx1
+            off[2][x] = cy1 + cx0
+            off[3][x] = cy1 + cx1
             flags[2][x] = f
 
     @_jit(inline="always")
@@ -462,6 +497,47 @@ if numba is not None:
                 for xx in range(w_in):
                     gsrc[row + np.uint64(xx) * step] = zero
 
+    @_jit(_nrt=False)
+    def _warp_bwd_rows(src, ss, disp, g, sg, gmask, flow, want_mask, gdisp, gsrc, sizes, border, need_src,
+                       need_disp, b, c0, c1, y0, y1, xs, bounds, scratch, sums, neg):
+        """Rows y0 … y1 − 1 of batch element b for _warp_bwd; the caller allocates the scratch.
+
+        Compiled without numba's reference counting (_nrt=False), the arrays
+        being owned by the caller: with it, each row paid an atomic
+        incref/decref of every array handed to the inlined helpers, which
+        numba's pruning pass leaves in a function this large (a third of
+        the time of ∂L/∂δ with 64-pixel rows).
+        """
+        b_, c_, h, w, h_in, w_in = sizes
+        hw = h * w
+        off, wts, axw, flags = scratch
+        for y in range(y0, y1):
+            yf = disp.dtype.type(y)
+            dsx, ox, dsy, oy = _row_field(disp, b * 2 * hw + y * w, b * 2 * hw + hw + y * w, w, flow, neg)
+            gb = np.uint64(b * sg[0] + y * sg[2])
+            if need_src:
+                _row_positions(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
+                _scatter_row(g, gb, np.uint64(sg[1]), np.uint64(sg[3]), off, wts,
+                             gsrc, np.uint64(b * ss[0]), np.uint64(ss[1]), c0, c1, w)
+            else:
+                _row_offsets(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
+            if need_disp:
+                _row_gradient_terms(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, scratch)
+                _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, g,
+                               gb, np.uint64(sg[1]), np.uint64(sg[3]), c_, sums, w)
+                if want_mask:
+                    # The mask is Σ_n wts[n]: its slopes are those of the weights.
+                    for x in range(w):
+                        gm = gmask[b * hw + y * w + x]
+                        sums[0, x] += gm * ((axw[0][x] + axw[1][x]) + (axw[2][x] + axw[3][x]))
+                        sums[1, x] += gm * ((axw[4][x] + axw[5][x]) + (axw[6][x] + axw[7][x]))
+                if flow:
+                    # ∂x̂/∂f = +1: _disp_grad_row's −sums comes out with the sign flipped, exactly.
+                    for x in range(w):
+                        sums[0, x] = -sums[0, x]
+                        sums[1, x] = -sums[1, x]
+                _disp_grad_row(gdisp, b * 2 * hw + y * w, hw, sums, flags, w)
+
     @_jit
     def _warp_bwd(src, ss, disp, g, sg, gmask, flow, want_mask, gdisp, gsrc, sizes, border, need_src, need_disp,
                   groups, u0, u1):
@@ -474,90 +550,76 @@ if numba is not None:
         Each plane sums its terms row by row, pixel by pixel, however the work is split.
         """
         b_, c_, h, w, h_in, w_in = sizes
-        hw = h * w
         xs = _coords(w, disp)
         bounds = _clamp_bounds(disp, w_in, h_in, border)
         scratch = _scratch(w, src)
-        off, wts, axw, flags = scratch
         sums = np.empty((2, w), src.dtype)
         neg = np.empty((2, w), disp.dtype)
         for u in range(u0, u1):
             b, c0, c1, y0, y1 = _unit(u, groups, need_src, c_, h)
             if need_src:
                 _zero_planes(gsrc, ss, b, c0, c1, h_in, w_in)
-            for y in range(y0, y1):
-                yf = disp.dtype.type(y)
-                dsx, ox, dsy, oy = _row_field(disp, b * 2 * hw + y * w, b * 2 * hw + hw + y * w, w, flow, neg)
-                _row_positions(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
-                gb = np.uint64(b * sg[0] + y * sg[2])
-                if need_src:
-                    _scatter_row(g, gb, np.uint64(sg[1]), np.uint64(sg[3]), off, wts,
-                                 gsrc, np.uint64(b * ss[0]), np.uint64(ss[1]), c0, c1, w)
-                if need_disp:
-                    _row_gradient_terms(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, scratch)
-                    _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, g,
-                                   gb, np.uint64(sg[1]), np.uint64(sg[3]), c_, sums, w)
-                    if want_mask:
-                        # The mask is Σ_n wts[n]: its slopes are those of the weights.
-                        for x in range(w):
-                            gm = gmask[b * hw + y * w + x]
-                            sums[0, x] += gm * ((axw[0][x] + axw[1][x]) + (axw[2][x] + axw[3][x]))
-                            sums[1, x] += gm * ((axw[4][x] + axw[5][x]) + (axw[6][x] + axw[7][x]))
-                    if flow:
-                        # ∂x̂/∂f = +1: _disp_grad_row's −sums comes out with the sign flipped, exactly.
-                        for x in range(w):
-                            sums[0, x] = -sums[0, x]
-                            sums[1, x] = -sums[1, x]
-                    _disp_grad_row(gdisp, b * 2 * hw + y * w, hw, sums, flags, w)
+            _warp_bwd_rows(src, ss, disp, g, sg, gmask, flow, want_mask, gdisp, gsrc, sizes, border, need_src,
+                           need_disp, b, c0, c1, y0, y1, xs, bounds, scratch, sums, neg)
+
+    @_jit(_nrt=False)
+    def _merged_bwd_rows(src, ss, fa, fb, la, lb, g, sg, grads, gsrc, sizes, border, need_src, need_fields,
+                         b, c0, c1, y0, y1, xs, bounds, scratch, sums, rows):
+        """Rows y0 … y1 − 1 of batch element b for _merged_bwd (no reference counting: see _warp_bwd_rows)."""
+        b_, c_, h, w, h_in, w_in = sizes
+        hw = h * w
+        gfa, gfb, gla, glb = grads
+        off, wts, axw, flags = scratch
+        for y in range(y0, y1):
+            yf = np.float64(y)
+            _merge_row(fa, fb, la, lb, b, y, w, hw, rows)
+            gb = np.uint64(b * sg[0] + y * sg[2])
+            if need_src:
+                _row_positions(rows[5], 0, rows[6], 0, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
+                _scatter_row(g, gb, np.uint64(sg[1]), np.uint64(sg[3]), off, wts,
+                             gsrc, np.uint64(b * ss[0]), np.uint64(ss[1]), c0, c1, w)
+            else:
+                _row_offsets(rows[5], 0, rows[6], 0, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
+            if not need_fields:
+                continue
+            _row_gradient_terms(rows[5], 0, rows[6], 0, xs, yf, bounds, border, w_in, h_in, scratch)
+            _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, g,
+                           gb, np.uint64(sg[1]), np.uint64(sg[3]), c_, sums, w)
+            for x in range(w):
+                od = b * 2 * hw + y * w + x
+                ol = b * hw + y * w + x
+                if not flags[2][x]:
+                    gfa[od] = gfa[od + hw] = gfb[od] = gfb[od + hw] = gla[ol] = glb[ol] = np.nan
+                    continue
+                gdx = -np.float64(sums[0, x]) if flags[0][x] else 0.0
+                gdy = -np.float64(sums[1, x]) if flags[1][x] else 0.0
+                # δ = w_a·δ_a + w_b·δ_b with ∂w_a/∂l_a = w_a·w_b = −∂w_a/∂l_b.
+                wa = rows[4, x]
+                wb = 1.0 - wa
+                gl = wa * wb * (gdx * (rows[0, x] - rows[2, x]) + gdy * (rows[1, x] - rows[3, x]))
+                gfa[od] = wa * gdx
+                gfa[od + hw] = wa * gdy
+                gfb[od] = wb * gdx
+                gfb[od + hw] = wb * gdy
+                gla[ol] = gl
+                glb[ol] = -gl
 
     @_jit
     def _merged_bwd(src, ss, fa, fb, la, lb, g, sg, grads, gsrc, sizes, border, need_src, need_fields,
                     groups, u0, u1):
         """As _warp_bwd for the merged δ: ∂L/∂src and/or the four fields' gradients (grads, contiguous)."""
         b_, c_, h, w, h_in, w_in = sizes
-        hw = h * w
-        gfa, gfb, gla, glb = grads
         rows = np.empty((7, w), np.float64)
         xs = _coords(w, rows)
         bounds = _clamp_bounds(rows, w_in, h_in, border)
         scratch = _scratch(w, src)
-        off, wts, axw, flags = scratch
         sums = np.empty((2, w), src.dtype)
         for u in range(u0, u1):
             b, c0, c1, y0, y1 = _unit(u, groups, need_src, c_, h)
             if need_src:
                 _zero_planes(gsrc, ss, b, c0, c1, h_in, w_in)
-            for y in range(y0, y1):
-                yf = np.float64(y)
-                _merge_row(fa, fb, la, lb, b, y, w, hw, rows)
-                _row_positions(rows[5], 0, rows[6], 0, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
-                gb = np.uint64(b * sg[0] + y * sg[2])
-                if need_src:
-                    _scatter_row(g, gb, np.uint64(sg[1]), np.uint64(sg[3]), off, wts,
-                                 gsrc, np.uint64(b * ss[0]), np.uint64(ss[1]), c0, c1, w)
-                if not need_fields:
-                    continue
-                _row_gradient_terms(rows[5], 0, rows[6], 0, xs, yf, bounds, border, w_in, h_in, scratch)
-                _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, g,
-                               gb, np.uint64(sg[1]), np.uint64(sg[3]), c_, sums, w)
-                for x in range(w):
-                    od = b * 2 * hw + y * w + x
-                    ol = b * hw + y * w + x
-                    if not flags[2][x]:
-                        gfa[od] = gfa[od + hw] = gfb[od] = gfb[od + hw] = gla[ol] = glb[ol] = np.nan
-                        continue
-                    gdx = -np.float64(sums[0, x]) if flags[0][x] else 0.0
-                    gdy = -np.float64(sums[1, x]) if flags[1][x] else 0.0
-                    # δ = w_a·δ_a + w_b·δ_b with ∂w_a/∂l_a = w_a·w_b = −∂w_a/∂l_b.
-                    wa = rows[4, x]
-                    wb = 1.0 - wa
-                    gl = wa * wb * (gdx * (rows[0, x] - rows[2, x]) + gdy * (rows[1, x] - rows[3, x]))
-                    gfa[od] = wa * gdx
-                    gfa[od + hw] = wa * gdy
-                    gfb[od] = wb * gdx
-                    gfb[od + hw] = wb * gdy
-                    gla[ol] = gl
-                    glb[ol] = -gl
+            _merged_bwd_rows(src, ss, fa, fb, la, lb, g, sg, grads, gsrc, sizes, border, need_src, need_fields,
+                             b, c0, c1, y0, y1, xs, bounds, scratch, sums, rows)
 
     @_jit
     def _merged_fwd(src, ss, fa, fb, la, lb, out, so, sizes, border, r0, r1):
@@ -605,6 +667,44 @@ if numba is not None:
                 total += acc[x] if flags[2][x] else np.nan
             part[q] = total
 
+    @_jit(_nrt=False)
+    def _l1_bwd_rows(src, ss, disp, tgt, st, g_b, gdisp, gtgt, gsrc, sizes, border,
+                     need_src, need_disp, need_target, b, c0, c1, y0, y1, xs, bounds, scratch, sums, rowg):
+        """Rows y0 … y1 − 1 of batch element b for _l1_bwd, g_b = ∂L/∂loss[b]/(C·H·W) (no reference
+        counting: see _warp_bwd_rows); rowg holds ∂loss/∂out of one row, [C, W]."""
+        b_, c_, h, w, h_in, w_in = sizes
+        hw = h * w
+        off, wts, axw, flags = scratch
+        zero = src.dtype.type(0)
+        for y in range(y0, y1):
+            yf = disp.dtype.type(y)
+            ox, oy = b * 2 * hw + y * w, b * 2 * hw + hw + y * w
+            _row_positions(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
+            for c in range(c0, c1):
+                base = np.uint64(b * ss[0] + c * ss[1])
+                tb = np.uint64(b * st[0] + c * st[1] + y * st[2])
+                rb = np.uint64(c * w)
+                for x in range(w):
+                    val = (wts[0][x] * src[base + off[0][x]] + wts[1][x] * src[base + off[1][x]]) + (
+                        wts[2][x] * src[base + off[2][x]] + wts[3][x] * src[base + off[3][x]])
+                    diff = val - tgt[tb + np.uint64(x) * np.uint64(st[3])]
+                    # Two selects, not nested branches: the sign of a difference is unpredictable.
+                    gv = g_b if diff > 0 else zero
+                    rowg[rb + np.uint64(x)] = -g_b if diff < 0 else gv
+                if need_target:
+                    ob = np.uint64(((b * c_ + c) * h + y) * w)
+                    for x in range(w):
+                        # |NaN − t| has no slope: NaN, as autograd gives for abs at NaN.
+                        gtgt[ob + np.uint64(x)] = -rowg[rb + np.uint64(x)] if flags[2][x] else np.nan
+            if need_src:
+                _scatter_row(rowg, np.uint64(0), np.uint64(w), np.uint64(1), off, wts,
+                             gsrc, np.uint64(b * ss[0]), np.uint64(ss[1]), c0, c1, w)
+            if need_disp:
+                _row_gradient_terms(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, scratch)
+                _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, rowg,
+                               np.uint64(0), np.uint64(w), np.uint64(1), c_, sums, w)
+                _disp_grad_row(gdisp, b * 2 * hw + y * w, hw, sums, flags, w)
+
     @_jit
     def _l1_bwd(src, ss, disp, tgt, st, gloss, inv_count, gdisp, gtgt, gsrc, sizes, border,
                 need_src, need_disp, need_target, groups, u0, u1):
@@ -612,45 +712,18 @@ if numba is not None:
         sign(out − target)·grad_loss[b]/(C·H·W), spread onto src (gsrc, src's strides), δ (gdisp,
         contiguous) and target (gtgt, contiguous) as asked; ∂L/∂δ with need_src only if groups = 1."""
         b_, c_, h, w, h_in, w_in = sizes
-        hw = h * w
         xs = _coords(w, disp)
         bounds = _clamp_bounds(disp, w_in, h_in, border)
         scratch = _scratch(w, src)
-        off, wts, axw, flags = scratch
         sums = np.empty((2, w), src.dtype)
         rowg = np.empty(c_ * w, src.dtype)  # ∂loss/∂out of one row, [C, W]
-        zero = src.dtype.type(0)
         for u in range(u0, u1):
             b, c0, c1, y0, y1 = _unit(u, groups, need_src, c_, h)
             if need_src:
                 _zero_planes(gsrc, ss, b, c0, c1, h_in, w_in)
             g_b = src.dtype.type(gloss[b]) * src.dtype.type(inv_count)
-            for y in range(y0, y1):
-                yf = disp.dtype.type(y)
-                ox, oy = b * 2 * hw + y * w, b * 2 * hw + hw + y * w
-                _row_positions(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
-                for c in range(c0, c1):
-                    base = np.uint64(b * ss[0] + c * ss[1])
-                    tb = np.uint64(b * st[0] + c * st[1] + y * st[2])
-                    rb = np.uint64(c * w)
-                    for x in range(w):
-                        val = (wts[0][x] * src[base + off[0][x]] + wts[1][x] * src[base + off[1][x]]) + (
-                            wts[2][x] * src[base + off[2][x]] + wts[3][x] * src[base + off[3][x]])
-                        diff = val - tgt[tb + np.uint64(x) * np.uint64(st[3])]
-                        rowg[rb + np.uint64(x)] = g_b if diff > 0 else (-g_b if diff < 0 else zero)
-                    if need_target:
-                        ob = np.uint64(((b * c_ + c) * h + y) * w)
-                        for x in range(w):
-                            # |NaN − t| has no slope: NaN, as autograd gives for abs at NaN.
-                            gtgt[ob + np.uint64(x)] = -rowg[rb + np.uint64(x)] if flags[2][x] else np.nan
-                if need_src:
-                    _scatter_row(rowg, np.uint64(0), np.uint64(w), np.uint64(1), off, wts,
-                                 gsrc, np.uint64(b * ss[0]), np.uint64(ss[1]), c0, c1, w)
-                if need_disp:
-                    _row_gradient_terms(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, scratch)
-                    _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, rowg,
-                                   np.uint64(0), np.uint64(w), np.uint64(1), c_, sums, w)
-                    _disp_grad_row(gdisp, b * 2 * hw + y * w, hw, sums, flags, w)
+            _l1_bwd_rows(src, ss, disp, tgt, st, g_b, gdisp, gtgt, gsrc, sizes, border,
+                         need_src, need_disp, need_target, b, c0, c1, y0, y1, xs, bounds, scratch, sums, rowg)
 
 
 if numba is not None:
