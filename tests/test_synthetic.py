@@ -101,7 +101,9 @@ def test_trajectory_is_smooth_bounded_reproducible():
     au, pose = sample_trajectory(400, 7)
     assert au.shape == (400, len(AU_NAMES)) and pose.shape == (400, len(POSE_NAMES))
     assert au.min() >= 0.0 and au.max() <= 1.0
-    assert np.abs(np.diff(au, axis=0)).max() < 0.35
+    steps = np.abs(np.diff(au, axis=0))
+    assert steps.max() < 0.8 and np.quantile(steps, 0.99) < 0.4  # onsets take a few frames, not one
+    assert ((au > 0.3) & (au < 0.7)).mean() < 0.2  # mostly clearly off or clearly on
     occurs = au > OCCURRENCE_THRESHOLD
     assert (occurs.mean(axis=0) > 0.05).all() and (occurs.mean(axis=0) < 0.8).all()
     roll, tx, ty, scale, yaw = pose.T
