@@ -129,7 +129,8 @@ class SyntheticConfig:
 
     ``seed`` fixes everything: identity ``i`` and track ``(i, v, t)`` draw from
     their own generators, so a larger config reproduces a smaller one's
-    identities and tracks exactly.
+    identities and tracks exactly. ``head_motion`` scales the head's pose
+    around neutral (:func:`sample_trajectory`).
     """
 
     identities: int = 4
@@ -138,6 +139,7 @@ class SyntheticConfig:
     size: int = 64
     seed: int = 0
     tracks_per_video: int = 1
+    head_motion: float = 1.0
 
 
 def _rgb(c: np.ndarray) -> tuple[float, float, float]:
@@ -209,12 +211,15 @@ def _smooth_series(rng: np.random.Generator, n: int, channels: int, period: tupl
     return out
 
 
-def sample_trajectory(n_frames: int, rng: np.random.Generator | int) -> tuple[np.ndarray, np.ndarray]:
+def sample_trajectory(n_frames: int, rng: np.random.Generator | int,
+                      head_motion: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Smooth AU intensities and head pose for one track.
 
     Returns ``au`` ``[n_frames, len(AU_NAMES)]`` in [0, 1] (about a third of
     the frames have each AU above the occurrence threshold) and ``pose``
-    ``[n_frames, 5]`` in :data:`POSE_NAMES` order and units.
+    ``[n_frames, 5]`` in :data:`POSE_NAMES` order and units. ``head_motion``
+    scales every pose parameter's spread around the neutral pose (0: a still,
+    frontal head; 0.5: about ±7° roll, ±5 % of the frame in translation).
 
     AUs spend most frames clipped at 0 (neutral) or 1 (fully on) and pass
     quickly through the middle: only about one frame in seven lies in
@@ -225,13 +230,14 @@ def sample_trajectory(n_frames: int, rng: np.random.Generator | int) -> tuple[np
     au = np.clip(0.5 + (_smooth_series(rng, n_frames, len(AU_NAMES), (5, 14)) - 0.4), 0.0, 1.0)
     z = _smooth_series(rng, n_frames, len(POSE_NAMES), (10, 24))
     offset = rng.normal(size=len(POSE_NAMES))
+    m = head_motion
     pose = np.stack(
         [
-            3.0 * offset[0] + 7.0 * z[:, 0],
-            0.02 * offset[1] + 0.04 * z[:, 1],
-            0.02 * offset[2] + 0.03 * z[:, 2],
-            1.0 + 0.03 * offset[3] + 0.05 * z[:, 3],
-            np.clip(0.15 * offset[4] + 0.45 * z[:, 4], -1.0, 1.0),
+            m * (3.0 * offset[0] + 7.0 * z[:, 0]),
+            m * (0.02 * offset[1] + 0.04 * z[:, 1]),
+            m * (0.02 * offset[2] + 0.03 * z[:, 2]),
+            1.0 + m * (0.03 * offset[3] + 0.05 * z[:, 3]),
+            np.clip(m * (0.15 * offset[4] + 0.45 * z[:, 4]), -1.0, 1.0),
         ],
         axis=1,
     )
@@ -479,7 +485,7 @@ def generate_dataset(root: str | Path, config: SyntheticConfig = SyntheticConfig
                 folder = root / f"id{i:04d}" / f"vid{v:02d}" / f"track{t}"
                 folder.mkdir(parents=True, exist_ok=True)
                 rng = np.random.default_rng([config.seed, 1, i, v, t])
-                au, pose = sample_trajectory(config.frames_per_video, rng)
+                au, pose = sample_trajectory(config.frames_per_video, rng, config.head_motion)
                 for f in range(config.frames_per_video):
                     write_png(folder / f"{f:06d}.png", render_frame(identity, au[f], pose[f], config.size))
                 _write_labels(folder / "labels.csv", au, pose)

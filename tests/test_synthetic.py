@@ -156,3 +156,13 @@ def test_generate_dataset_rejects_bad_config(tmp_path):
         generate_dataset(tmp_path, SyntheticConfig(identities=0))
     with pytest.raises(ValueError, match="at least 16"):
         generate_dataset(tmp_path, SyntheticConfig(size=8))
+
+
+def test_head_motion_scales_the_pose_around_neutral():
+    au, pose = sample_trajectory(50, 3)
+    au_half, pose_half = sample_trajectory(50, 3, head_motion=0.5)
+    _, still = sample_trajectory(50, 3, head_motion=0.0)
+    np.testing.assert_array_equal(au, au_half)  # the AUs do not depend on it
+    neutral = Pose().as_array()
+    np.testing.assert_allclose(still, np.broadcast_to(neutral, still.shape))
+    np.testing.assert_allclose(pose_half[:, :4] - neutral[:4], 0.5 * (pose[:, :4] - neutral[:4]), atol=1e-12)
