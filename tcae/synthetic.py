@@ -472,6 +472,8 @@ def generate_dataset(root: str | Path, config: SyntheticConfig = SyntheticConfig
     """
     if min(config.identities, config.videos_per_identity, config.tracks_per_video, config.frames_per_video) < 1:
         raise ValueError(f"every count in {config} must be at least 1")
+    if not config.head_motion >= 0:
+        raise ValueError(f"head_motion must be non-negative, got {config.head_motion}")
     if config.size < 16:
         raise ValueError(f"size must be at least 16 pixels, got {config.size}")
     start = time.perf_counter()

@@ -158,7 +158,7 @@ def test_generate_dataset_rejects_bad_config(tmp_path):
         generate_dataset(tmp_path, SyntheticConfig(size=8))
 
 
-def test_head_motion_scales_the_pose_around_neutral():
+def test_head_motion_scales_the_pose_around_neutral(tmp_path):
     au, pose = sample_trajectory(50, 3)
     au_half, pose_half = sample_trajectory(50, 3, head_motion=0.5)
     _, still = sample_trajectory(50, 3, head_motion=0.0)
@@ -166,3 +166,5 @@ def test_head_motion_scales_the_pose_around_neutral():
     neutral = Pose().as_array()
     np.testing.assert_allclose(still, np.broadcast_to(neutral, still.shape))
     np.testing.assert_allclose(pose_half[:, :4] - neutral[:4], 0.5 * (pose[:, :4] - neutral[:4]), atol=1e-12)
+    with pytest.raises(ValueError, match="head_motion"):
+        generate_dataset(tmp_path, SyntheticConfig(head_motion=-1.0))
