@@ -37,7 +37,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     summary = generate_dataset(args.out, SyntheticConfig(
         identities=args.identities, videos_per_identity=args.videos, tracks_per_video=args.tracks,
-        frames_per_video=args.frames, size=args.size, seed=args.seed))
+        frames_per_video=args.frames, size=args.size, seed=args.seed, head_motion=args.head_motion))
     print(f"wrote {summary['frames']} frames of {summary['identities']} identities, {summary['tracks']} tracks, "
           f"to {summary['root']} in {summary['seconds']:.1f} s")
     print("AU occurrence rate: " + ", ".join(f"{k} {v:.2f}" for k, v in summary["occurrence_rate"].items()))
@@ -239,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=24, help="frames per track (default %(default)s)")
     p.add_argument("--size", type=int, default=64, help="frame side in pixels (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
+    p.add_argument("--head-motion", type=float, default=1.0,
+                   help="scale of the head's roll, translation, scale and yaw; 0 = still (default %(default)s)")
     p.set_defaults(run=cmd_synth)
     return parser
 

@@ -132,10 +132,14 @@ class TrainConfig:
 
     @classmethod
     def from_recipe(cls, recipe: str = "faithful", **changes: Any) -> TrainConfig:
-        """The recipe's settings with ``changes`` on top."""
+        """The recipe's settings with ``changes`` on top. A ``model`` dict in ``changes`` changes the
+        recipe's model settings field by field; a :class:`TCAEConfig` replaces them."""
         if not isinstance(recipe, str) or recipe not in RECIPES:
             raise ConfigError(f"recipe must be one of {tuple(RECIPES)}, got {recipe!r}")
-        return cls(**{**RECIPES[recipe], **changes, "recipe": recipe})
+        settings = {**RECIPES[recipe], **changes, "recipe": recipe}
+        if isinstance(changes.get("model"), dict):
+            settings["model"] = {**RECIPES[recipe].get("model", {}), **changes["model"]}
+        return cls(**settings)
 
     def as_dict(self) -> dict:
         """Plain values (the model's nested), as stored in checkpoints and config.json."""
@@ -228,6 +232,8 @@ MODEL_HELP = {
     "width": "multiplier on every hidden channel count",
     "backend": "warp implementation: triton, grid_sample or naive",
     "padding": "the warp's padding: border (the original) or zeros",
+    "pose_grid": "0 (the original) or n: the pose displacement interpolates an n × n grid of vectors",
+    "merge": "how δ_AU and δ_pose make δ: attention (the original) or sum",
 }
 
 

@@ -61,6 +61,16 @@ class TCAEConfig:
     width: multiplier on every hidden channel count (0.125 gives a tiny model).
     backend: the warp T: "triton" (tcae_kernels.warp), "grid_sample" or "naive".
     padding: the warp's padding; the original clamps to the border.
+    pose_grid: 0 (the paper) or a side n: the pose displacement is then the
+        bilinear interpolation of an n × n grid of vectors (the decoder's
+        output averaged over cells of image_size / n pixels). It can still
+        express the head's motion (translation, roll and scale move a face
+        affinely, which such a grid reproduces exactly) but not a brow or a
+        lip corner moving on its own, which is left to the AU branch.
+    merge: "attention" (the paper: δ = the per-pixel softmax-weighted mean of
+        δ_AU and δ_pose) or "sum" (δ = δ_AU + δ_pose: the AU branch adds its
+        local motion to the head's; the attention is then computed for the
+        panels only and trains nothing).
     """
 
     image_size: int = 256
@@ -69,6 +79,8 @@ class TCAEConfig:
     width: float = 1.0
     backend: str = "triton"
     padding: str = "border"
+    pose_grid: int = 0
+    merge: str = "attention"
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -78,6 +90,11 @@ class TCAEConfig:
             raise ConfigError(f"backend must be one of {tuple(WARP_BACKENDS)}, got {self.backend!r}")
         if self.padding not in ("zeros", "border"):
             raise ConfigError(f"padding must be 'zeros' or 'border', got {self.padding!r}")
+        if self.merge not in ("attention", "sum"):
+            raise ConfigError(f"merge must be 'attention' or 'sum', got {self.merge!r}")
+        if self.pose_grid and not (2 <= self.pose_grid < self.image_size and self.image_size % self.pose_grid == 0):
+            raise ConfigError(f"pose_grid must be 0 or a divisor of image_size {self.image_size} in "
+                              f"[2, {self.image_size}), got {self.pose_grid}")
         if not 0 < self.width <= MAX_WIDTH:
             raise ConfigError(f"width must be in (0, {MAX_WIDTH}], got {self.width}")
         check_range("embed_dim", self.embed_dim, 1)
@@ -141,6 +158,18 @@ class Encoder(nn.Module):
         return self.au_branch(h), self.pose_branch(h)
 
 
+def grid_smooth(disp: torch.Tensor, grid: int) -> torch.Tensor:
+    """A field [B, 2, S, S] (pixels) → its means over grid × grid cells, bilinearly interpolated back to S × S.
+
+    The mean of an affine field over a cell is its value at the cell's centre,
+    and bilinear interpolation between the centres reproduces it: an affine
+    motion passes unchanged, except in the outer half cells, which hold the
+    border cells' values. Motion on a scale below a cell is averaged away.
+    """
+    return F.interpolate(F.adaptive_avg_pool2d(disp, grid), size=tuple(disp.shape[-2:]), mode="bilinear",
+                         align_corners=False)
+
+
 class Decoder(nn.Module):
     """(source, target) embeddings [B, embed_dim] each → displacement [B, 2, size, size] in pixels
     and attention logit [B, 1, size, size] in [−1, 1].
@@ -150,8 +179,10 @@ class Decoder(nn.Module):
     to 3 channels and tanh.
     """
 
-    def __init__(self, config: TCAEConfig) -> None:
+    def __init__(self, config: TCAEConfig, grid: int = 0) -> None:
+        """``grid``: 0, or the side of the grid the displacement is smoothed to (:func:`grid_smooth`)."""
         super().__init__()
+        self.grid = grid
         n_stages = int(math.log2(config.image_size)) - 1
         layers: list[nn.Module] = [nn.ReLU()]
         c_in = 2 * config.embed_dim
@@ -185,7 +216,10 @@ class Decoder(nn.Module):
         if out.dtype in (torch.float16, torch.bfloat16):
             out = out.float()
         out = torch.tanh(out)
-        return out[:, :2] * self.disp_scale, out[:, 2:]
+        disp = out[:, :2] * self.disp_scale
+        if self.grid:
+            disp = grid_smooth(disp, self.grid)
+        return disp, out[:, 2:]
 
 
 @dataclass
@@ -219,7 +253,7 @@ class TCAE(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.au_decoder = Decoder(config)
-        self.pose_decoder = Decoder(config)
+        self.pose_decoder = Decoder(config, grid=config.pose_grid)
 
     def _check_images(self, name: str, images: torch.Tensor) -> None:
         c, s = self.config.in_channels, self.config.image_size
@@ -282,12 +316,16 @@ class TCAE(nn.Module):
         target_au, target_pose = self.embed(target)
         disp_au, logit_au = self.decode("au", source_au, target_au)
         disp_pose, logit_pose = self.decode("pose", source_pose, target_pose)
-        fused = self.config.backend == "triton"
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not fused):
+        summed = self.config.merge == "sum"
+        fused = self.config.backend == "triton" and not summed
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not fused and not summed):
             # softmax == e^a_i / Σ e^a_j, the paper's merge, without overflow.
             attention = F.softmax(torch.cat([logit_au, logit_pose], dim=1), dim=1)
             disp = attention[:, :1] * disp_au + attention[:, 1:] * disp_pose
-        if fused:
+        if summed:
+            disp = disp_au + disp_pose
+            reconstruction = self.warp(source, disp)
+        elif fused:
             reconstruction = tcae_kernels.merged_warp(
                 source.detach(), disp_au, disp_pose, logit_au, logit_pose, self.config.padding
             )

@@ -129,7 +129,8 @@ class SyntheticConfig:
 
     ``seed`` fixes everything: identity ``i`` and track ``(i, v, t)`` draw from
     their own generators, so a larger config reproduces a smaller one's
-    identities and tracks exactly.
+    identities and tracks exactly. ``head_motion`` scales the head's pose
+    around neutral (:func:`sample_trajectory`).
     """
 
     identities: int = 4
@@ -138,6 +139,7 @@ class SyntheticConfig:
     size: int = 64
     seed: int = 0
     tracks_per_video: int = 1
+    head_motion: float = 1.0
 
 
 def _rgb(c: np.ndarray) -> tuple[float, float, float]:
@@ -180,7 +182,7 @@ def sample_identity(rng: np.random.Generator | int) -> IdentityParams:
         brow_gap=face_ry * rng.uniform(0.15, 0.2),
         brow_inner=face_rx * rng.uniform(0.1, 0.18),
         brow_len=face_rx * rng.uniform(0.45, 0.58),
-        brow_th=face_rx * rng.uniform(0.06, 0.1),
+        brow_th=face_rx * rng.uniform(0.1, 0.14),
         brow_arch=face_ry * rng.uniform(0.0, 0.06),
         nose_y=face_ry * rng.uniform(0.22, 0.3),
         mouth_y=face_ry * rng.uniform(0.5, 0.58),
@@ -209,25 +211,33 @@ def _smooth_series(rng: np.random.Generator, n: int, channels: int, period: tupl
     return out
 
 
-def sample_trajectory(n_frames: int, rng: np.random.Generator | int) -> tuple[np.ndarray, np.ndarray]:
+def sample_trajectory(n_frames: int, rng: np.random.Generator | int,
+                      head_motion: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Smooth AU intensities and head pose for one track.
 
     Returns ``au`` ``[n_frames, len(AU_NAMES)]`` in [0, 1] (about a third of
-    the frames have each AU above the occurrence threshold, and clipping at 0
-    leaves long neutral stretches) and ``pose`` ``[n_frames, 5]`` in
-    :data:`POSE_NAMES` order and units.
+    the frames have each AU above the occurrence threshold) and ``pose``
+    ``[n_frames, 5]`` in :data:`POSE_NAMES` order and units. ``head_motion``
+    scales every pose parameter's spread around the neutral pose (0: a still,
+    frontal head; 0.5: about ±7° roll, ±5 % of the frame in translation).
+
+    AUs spend most frames clipped at 0 (neutral) or 1 (fully on) and pass
+    quickly through the middle: only about one frame in seven lies in
+    0.3–0.7, where a frame's occurrence label is decided by a change too
+    small to see.
     """
     rng = np.random.default_rng(rng)
-    au = np.clip(0.35 + 0.45 * _smooth_series(rng, n_frames, len(AU_NAMES), (5, 14)), 0.0, 1.0)
+    au = np.clip(0.5 + (_smooth_series(rng, n_frames, len(AU_NAMES), (5, 14)) - 0.4), 0.0, 1.0)
     z = _smooth_series(rng, n_frames, len(POSE_NAMES), (10, 24))
     offset = rng.normal(size=len(POSE_NAMES))
+    m = head_motion
     pose = np.stack(
         [
-            3.0 * offset[0] + 7.0 * z[:, 0],
-            0.02 * offset[1] + 0.04 * z[:, 1],
-            0.02 * offset[2] + 0.03 * z[:, 2],
-            1.0 + 0.03 * offset[3] + 0.05 * z[:, 3],
-            np.clip(0.15 * offset[4] + 0.45 * z[:, 4], -1.0, 1.0),
+            m * (3.0 * offset[0] + 7.0 * z[:, 0]),
+            m * (0.02 * offset[1] + 0.04 * z[:, 1]),
+            m * (0.02 * offset[2] + 0.03 * z[:, 2]),
+            1.0 + m * (0.03 * offset[3] + 0.05 * z[:, 3]),
+            np.clip(m * (0.15 * offset[4] + 0.45 * z[:, 4]), -1.0, 1.0),
         ],
         axis=1,
     )
@@ -240,10 +250,13 @@ def sample_trajectory(n_frames: int, rng: np.random.Generator | int) -> tuple[np
 def _ellipse(x: np.ndarray, y: np.ndarray, rx: float | np.ndarray, ry: float | np.ndarray) -> np.ndarray:
     # First-order distance approximation k0 (k0 - 1) / k1: exact on the
     # boundary, which is all the anti-aliasing needs, and stable for thin ellipses.
+    # Far from a thin ellipse it underestimates badly (a closed eye's lid
+    # line spanned the face); the distance to the bounding box is a lower
+    # bound of the true distance that corrects it there.
     u, v = x / rx, y / ry
     k0 = np.sqrt(u * u + v * v)
     k1 = np.sqrt((u / rx) ** 2 + (v / ry) ** 2)
-    return k0 * (k0 - 1.0) / np.maximum(k1, 1e-9)
+    return np.maximum(k0 * (k0 - 1.0) / np.maximum(k1, 1e-9), np.maximum(np.abs(x) - rx, np.abs(y) - ry))
 
 
 def _segment(
@@ -346,7 +359,7 @@ def render_frame(
 
     # Face: upper half-ellipse plus a lower one that jaw drop lengthens; shading
     # darkens the side turned away.
-    chin = p.chin_ry + 0.08 * a["AU26"]
+    chin = p.chin_ry + 0.12 * a["AU26"]
     face = _ellipse(x, y, rx, np.where(y < 0, p.face_ry, chin))
     shade = 1.0 - 0.22 * np.clip(((x - 0.4 * yaw * rx) / rx) ** 2, 0.0, 1.0)
     cv.fill(face, skin * shade[..., None])
@@ -381,16 +394,16 @@ def render_frame(
 
     # Brows: arched thick curves; AU1 lifts the inner ends, AU2 the outer ends,
     # AU4 lowers them (the inner ends most) and pulls them together.
-    inner = p.brow_inner - 0.035 * a["AU4"]
+    inner = p.brow_inner - 0.05 * a["AU4"]
     for side in (-1.0, 1.0):
         bx = side * (x - eyes_dx)
         u = np.clip((bx - inner) / p.brow_len, 0.0, 1.0)
         centre = (
             brow_y
             - p.brow_arch * 4.0 * u * (1.0 - u)
-            - 0.11 * a["AU1"] * (1.0 - u) ** 1.5
-            - 0.1 * a["AU2"] * u**1.5
-            + a["AU4"] * (0.065 * (1.0 - u) + 0.02)
+            - 0.15 * a["AU1"] * (1.0 - u) ** 1.5
+            - 0.14 * a["AU2"] * u**1.5
+            + a["AU4"] * (0.09 * (1.0 - u) + 0.03)
         )
         half = 0.5 * p.brow_th * (1.0 - 0.45 * u)
         brow = np.maximum(np.abs(y - centre) - half, np.abs(bx - inner - 0.5 * p.brow_len) - 0.5 * p.brow_len)
@@ -408,9 +421,9 @@ def render_frame(
         cv.fill(_ellipse(x - nose_dx - side * 0.032, y - p.nose_y - 0.018, 0.02, 0.011), skin * 0.45)
 
     # Mouth: opening between two parabolas, lips as bands around it.
-    half_w = p.mouth_w * (1.0 + 0.3 * a["AU20"] + 0.22 * a["AU12"])
-    my = p.mouth_y + 0.05 * a["AU26"]
-    corner = -0.07 * a["AU12"] + 0.015 * a["AU20"]
+    half_w = p.mouth_w * (1.0 + 0.45 * a["AU20"] + 0.3 * a["AU12"])
+    my = p.mouth_y + 0.07 * a["AU26"]
+    corner = -0.1 * a["AU12"] + 0.02 * a["AU20"]
     gap = 0.01 + 0.17 * a["AU26"] + 0.035 * a["AU12"]
     mx = x - mouth_dx
     xn2 = np.clip((mx / half_w) ** 2, 0.0, 1.0)
@@ -459,6 +472,8 @@ def generate_dataset(root: str | Path, config: SyntheticConfig = SyntheticConfig
     """
     if min(config.identities, config.videos_per_identity, config.tracks_per_video, config.frames_per_video) < 1:
         raise ValueError(f"every count in {config} must be at least 1")
+    if not config.head_motion >= 0:
+        raise ValueError(f"head_motion must be non-negative, got {config.head_motion}")
     if config.size < 16:
         raise ValueError(f"size must be at least 16 pixels, got {config.size}")
     start = time.perf_counter()
@@ -472,7 +487,7 @@ def generate_dataset(root: str | Path, config: SyntheticConfig = SyntheticConfig
                 folder = root / f"id{i:04d}" / f"vid{v:02d}" / f"track{t}"
                 folder.mkdir(parents=True, exist_ok=True)
                 rng = np.random.default_rng([config.seed, 1, i, v, t])
-                au, pose = sample_trajectory(config.frames_per_video, rng)
+                au, pose = sample_trajectory(config.frames_per_video, rng, config.head_motion)
                 for f in range(config.frames_per_video):
                     write_png(folder / f"{f:06d}.png", render_frame(identity, au[f], pose[f], config.size))
                 _write_labels(folder / "labels.csv", au, pose)

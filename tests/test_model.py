@@ -231,6 +231,49 @@ def test_config_validation() -> None:
         TCAEConfig(backend="cuda")
     with pytest.raises(ValueError, match="source"):
         make_model()(torch.zeros(1, 3, 128, 128), torch.zeros(1, 3, 64, 64))
+    for grid in (1, 5, 64):
+        with pytest.raises(ValueError, match="pose_grid"):
+            TCAEConfig(image_size=64, pose_grid=grid)
+    with pytest.raises(ValueError, match="merge"):
+        TCAEConfig(merge="max")
+
+
+@pytest.mark.parametrize("backend", ["triton", "grid_sample"])
+def test_sum_merge_adds_the_displacements(backend: str) -> None:
+    torch.manual_seed(0)
+    model = TCAE(TCAEConfig(image_size=64, width=WIDTH, backend=backend, merge="sum"))
+    source, target = pair()
+    out = model(source, target)
+    torch.testing.assert_close(out.disp, out.disp_au + out.disp_pose)
+    torch.testing.assert_close(out.reconstruction, tcae_kernels.warp_naive(source, out.disp, "border"),
+                               rtol=0, atol=1e-5)
+    out.reconstruction.sum().backward()
+    assert model.au_decoder.net[-1].weight.grad.abs().sum() > 0
+    assert model.pose_decoder.net[-1].weight.grad.abs().sum() > 0
+
+
+def test_pose_grid_keeps_affine_motion_and_drops_local_motion() -> None:
+    size, grid = 64, 4
+    ys = torch.arange(size, dtype=torch.float64).view(1, size, 1).expand(1, size, size)
+    xs = torch.arange(size, dtype=torch.float64).view(1, 1, size).expand(1, size, size)
+    # A small rotation, scale and shift (pixels), then a 2-px bump like a lip corner moving alone.
+    affine = torch.stack([0.5 + 0.03 * (xs - 31.5) - 0.05 * (ys - 31.5),
+                          -1.0 + 0.05 * (xs - 31.5) + 0.03 * (ys - 31.5)], dim=1)
+    bump = 3.0 * torch.exp(-((xs - 20) ** 2 + (ys - 40) ** 2) / 8.0).unsqueeze(1).expand(1, 2, size, size)
+    half_cell = size // grid // 2
+    inner = (..., slice(half_cell, size - half_cell), slice(half_cell, size - half_cell))
+    torch.testing.assert_close(model_module.grid_smooth(affine, grid)[inner], affine[inner], rtol=0, atol=1e-9)
+    assert model_module.grid_smooth(bump, grid).abs().max() < 0.1 * bump.abs().max()
+
+    torch.manual_seed(0)
+    model = TCAE(TCAEConfig(image_size=size, width=WIDTH, backend="grid_sample", pose_grid=grid))
+    source, target = pair()
+    model.eval()
+    out = model(source, target)
+    model.pose_decoder.grid = 0  # the decoder's own field, before smoothing
+    raw, _ = model.decode("pose", out.source_pose, out.target_pose)
+    torch.testing.assert_close(out.disp_pose, model_module.grid_smooth(raw, grid))
+    assert model.au_decoder.grid == 0
 
 
 def test_select_window() -> None:
