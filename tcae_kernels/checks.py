@@ -41,13 +41,18 @@ def check_disp_dtype(src: torch.Tensor, disp: torch.Tensor, disp_name: str) -> N
     )
 
 
-def check_warp_args(src: object, disp: object, padding: object, disp_name: str = "disp") -> str:
-    check_tensor("src", src)
-    check_tensor(disp_name, disp)
+def check_warp_args(src: object, disp: object, padding: object, disp_name: str = "disp",
+                    channels: tuple[str, ...] = ("dx", "dy")) -> str:
+    """A warp's arguments: src [B, C, *spatial_in], disp [B, len(channels), *spatial] with as many
+    spatial axes as channels (2-D: dx, dy; 3-D: dx, dy, dz). Returns the padding."""
+    ndim = 2 + len(channels)
+    check_tensor("src", src, ndim=ndim)
+    check_tensor(disp_name, disp, ndim=ndim)
     assert isinstance(src, torch.Tensor) and isinstance(disp, torch.Tensor)
-    if disp.shape[1] != 2:
+    if disp.shape[1] != len(channels):
         raise ValueError(
-            f"{disp_name} must have 2 channels (dx, dy) in dim 1, got shape {tuple(disp.shape)}"
+            f"{disp_name} must have {len(channels)} channels ({', '.join(channels)}) in dim 1, "
+            f"got shape {tuple(disp.shape)}"
         )
     if disp.shape[0] != src.shape[0]:
         raise ValueError(
@@ -80,21 +85,7 @@ def check_position_range(src: torch.Tensor, disp: torch.Tensor, disp_name: str =
 
 def check_warp3d_args(src: object, disp: object, padding: object, disp_name: str = "disp") -> str:
     """The 3-D warp's arguments: src [B, C, D_in, H_in, W_in], disp [B, 3, D, H, W] (SPEC section 4 in 3-D)."""
-    check_tensor("src", src, ndim=5)
-    check_tensor(disp_name, disp, ndim=5)
-    assert isinstance(src, torch.Tensor) and isinstance(disp, torch.Tensor)
-    if disp.shape[1] != 3:
-        raise ValueError(
-            f"{disp_name} must have 3 channels (dx, dy, dz) in dim 1, got shape {tuple(disp.shape)}"
-        )
-    if disp.shape[0] != src.shape[0]:
-        raise ValueError(
-            f"{disp_name} batch size must equal src's ({src.shape[0]}), got {disp.shape[0]}"
-        )
-    if disp.device != src.device:
-        raise ValueError(f"{disp_name} must be on {src.device} (src's device), got {disp.device}")
-    check_disp_dtype(src, disp, disp_name)
-    return check_padding(padding)
+    return check_warp_args(src, disp, padding, disp_name, ("dx", "dy", "dz"))
 
 
 def check_field(name: str, t: object, src: torch.Tensor, like: torch.Tensor, channels: int) -> None:
