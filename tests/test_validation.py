@@ -8,7 +8,9 @@ import torch
 
 from tcae.losses import select_window
 from tcae.model import TCAE, TCAEConfig
-from tcae_kernels import merge_displacements, merged_warp, warp, warp_grid_sample, warp_l1, warp_naive, warp_torch
+from tcae_kernels import (
+    flow_warp, merge_displacements, merged_warp, splat, warp, warp3d, warp_grid_sample, warp_l1, warp_naive, warp_torch,
+)
 from tcae_kernels.nn import DisplacementWarp
 
 WARPS = {"warp": warp, "warp_torch": warp_torch, "warp_naive": warp_naive, "warp_grid_sample": warp_grid_sample}
@@ -72,6 +74,12 @@ OTHER_CASES = [
      ValueError, "disp", "at most 16777216", "16777217×1"),
     ("warp_l1 src past 2**24", l1(src=z(2, 3, 1, 1).expand(2, 3, 2**24 + 1, 2)),
      ValueError, "src", "at most 16777216", "16777217×2"),
+    ("flow_warp flow past 2**24", lambda: flow_warp(z(1, 1, 4, 4), z(1, 2, 1, 1).expand(1, 2, 1, 2**24 + 1)),
+     ValueError, "flow", "at most 16777216", "1×16777217"),
+    ("splat src past 2**24", lambda: splat(z(1, 1, 1, 1).expand(1, 1, 2**24 + 1, 1), z(1, 2, 1, 1).expand(1, 2, 2**24 + 1, 1)),
+     ValueError, "src", "at most 16777216", "16777217×1"),
+    ("warp3d disp past 2**24", lambda: warp3d(z(1, 1, 2, 2, 2), z(1, 3, 1, 1, 1).expand(1, 3, 2**24 + 1, 1, 1)),
+     ValueError, "disp", "at most 16777216", "16777217×1×1"),
     ("DisplacementWarp padding", lambda: DisplacementWarp("mirror"), ValueError, "padding", "'zeros', 'border'", "'mirror'"),
     ("DisplacementWarp disp", lambda: DisplacementWarp()(z(1, 1, 4, 4), z(1, 1, 4, 4)), ValueError, "disp", "2 channels", "(1, 1, 4, 4)"),
     ("TCAEConfig image_size", lambda: TCAEConfig(image_size=100), ValueError, "image_size", "(64, 128, 256)", "100"),

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from .. import fallback
-from ..checks import check_disp_dtype, check_tensor
+from ..checks import check_disp_dtype, check_position_range, check_tensor
 from ..fallback import softmax_shift
 from .launch import (
     GradSrc,
@@ -392,4 +392,5 @@ def splat(
         nothing (and gets zero gradients). Gradients flow to src, flow and metric.
     """
     metric_t = check_splat_args(src, flow, mode, metric)
+    check_position_range(src, flow, "flow")
     return call(_splat_op, src, flow, metric_t, mode, resolve_deterministic(deterministic))[0]
