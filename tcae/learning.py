@@ -1,6 +1,6 @@
 """The learning check: synthetic faces → training → probes, each number beside the baseline it must beat.
 
-    tcae check-learning --out runs/check           # ≈ 25 min on two CPU cores
+    tcae check-learning --out runs/check           # ≈ 12-25 min on two CPU cores
     report = check_learning(Path("runs/check"))    # from Python; LearningCheck() sets the sizes
 
 It passes when, on identities never trained on,
@@ -48,7 +48,7 @@ class LearningCheck:
     image_size: int = 64
     width: float = 0.25
     batch_size: int = 16
-    steps: int = 3500
+    steps: int = 5000
     recipe: str = "fast"
     val_every: int = 500
     val_batches: int = 16
