@@ -16,7 +16,18 @@ import torch
 from tcae_kernels.ops.launch import INTERPRET
 
 from . import flow, plot, sweep
-from .harness import DTYPES, FIELDS, LAYOUTS, OPS, QUICK_SHAPES, SHAPES, Timer, copy_bandwidth, machine_info, parse_shape
+from .harness import (
+    DTYPES,
+    FIELDS,
+    LAYOUTS,
+    OPS,
+    QUICK_SHAPES,
+    SHAPES,
+    Timer,
+    copy_bandwidth,
+    machine_info,
+    parse_shape,
+)
 from .impls import BASELINE_TOL, IMPLS, OURS, SPEC_TOL, CorrectnessError
 
 RESULTS = Path(__file__).parent / "results"

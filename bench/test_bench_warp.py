@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import tcae_kernels
-from tcae_kernels import cpu
 from bench.harness import make_inputs
 from bench.impls import IMPLS as CHECKED
 from bench.impls import check, grid_sample_path
+from tcae_kernels import cpu
 
 # The shapes and the demo's training batch (tcae demo: 16 × 3 × 64 × 64).
 SHAPES = [(2, 3, 64, 64), (1, 3, 256, 256), (2, 32, 32, 32), (16, 3, 64, 64)]

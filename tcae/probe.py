@@ -29,12 +29,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .checkpoint import load_model
+from .common import POSE_NAMES
 from .distributed import check_device
 from .errors import TCAEError
 from .frames import MAX_PIXELS, split_identities
 from .labels import LabelledFrames
 from .model import TCAE
-from .common import POSE_NAMES
 
 EMBEDDINGS = ("au_embedding", "pose_embedding")
 

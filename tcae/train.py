@@ -58,15 +58,37 @@ from torch.utils.data import DataLoader, Subset
 import tcae_kernels
 
 from .batches import GlobalBatches, evenly_spaced, stream
-from .checkpoint import TRAINING_KEYS, CheckpointError, check_compatible, load_checkpoint, load_weights, rng_state, \
-    save_checkpoint, set_rng_state
-from .config import CHECKPOINT_NAME, TrainConfig, config_from_args, resume_path, workers_and_threads
+from .checkpoint import (
+    TRAINING_KEYS,
+    CheckpointError,
+    check_compatible,
+    load_checkpoint,
+    load_weights,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import (
+    CHECKPOINT_NAME,
+    TrainConfig,
+    config_from_args,
+    resume_path,
+    workers_and_threads,
+)
 from .distributed import Dist, setup
 from .frames import FramePairDataset, list_identities, split_identities
 from .losses import Curriculum, LossWeights, compute_losses, pixel_criterion
 from .model import TCAE
-from .monitor import MetricsLog, NonFiniteLossError, Progress, describe_samples, displacement_sizes, grad_norms, \
-    non_finite_report, tensorboard_note
+from .monitor import (
+    MetricsLog,
+    NonFiniteLossError,
+    Progress,
+    describe_samples,
+    displacement_sizes,
+    grad_norms,
+    non_finite_report,
+    tensorboard_note,
+)
 from .panels import write_panel
 from .rundir import RunLock, truncate_metrics
 

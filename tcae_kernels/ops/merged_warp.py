@@ -31,7 +31,14 @@ from .launch import (
 if triton is not None:
     import triton.language as tl
 
-    from .sampling import backward_channels, disp_grad, load_pair, position, row_block, warp_channels
+    from .sampling import (
+        backward_channels,
+        disp_grad,
+        load_pair,
+        position,
+        row_block,
+        warp_channels,
+    )
 
     @triton.jit
     def _merge(da_ptr, db_ptr, la_ptr, lb_ptr, b, y, x, H, W, pmask):
