@@ -289,6 +289,7 @@ def test_cpu_without_interpreter_runs_compiled_loops_and_exports():
 import torch
 import tcae_kernels as tk
 from tcae_kernels import fallback
+torch.manual_seed(0)
 src, disp = torch.randn(1, 2, 3, 4, 5), torch.randn(1, 3, 3, 4, 5)
 assert torch.allclose(tk.flow_warp3d(src, disp), fallback.warp3d_forward(src, disp, "zeros", True, False),
                       rtol=1e-6, atol=1e-7)
