@@ -227,6 +227,32 @@ def test_deterministic_non_finite_grad_gives_nan():
     assert torch.equal(poisoned[1], clean[1]) and torch.equal(poisoned[0, 1:], clean[0, 1:])
 
 
+def test_deterministic_headroom_when_one_element_takes_the_whole_bound():
+    """All 16 output pixels sample src[0, 0] with weight 1 and ∂L/∂out = 1: the element receives
+    exactly its plane's bound, 16 = 2⁴. The fixed-point sum must hold bound · scale = 2⁶² (with
+    2⁶³ it would wrap around int64)."""
+    src = torch.randn(1, 1, 4, 4, device=DEVICES[-1])
+    ys, xs = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    disp = torch.stack((xs, ys))[None].to(src.device)  # x − δ = 0 everywhere
+    grad = src_grad(src, disp, torch.ones(1, 1, 4, 4, device=src.device), deterministic=True)
+    expected = torch.zeros(1, 1, 4, 4)
+    expected[0, 0, 0, 0] = 16.0
+    assert torch.equal(grad.cpu(), expected)
+
+
+def test_deterministic_half_gradient_bound_does_not_overflow():
+    """The bound Σ|∂L/∂out| of a float16 plane can pass float16's 65,504 while every element
+    fits: it is summed in float32, so the plane's ∂L/∂src stays finite and exact."""
+    gen = torch.Generator().manual_seed(14)
+    src = torch.randn(1, 2, 8, 8, generator=gen).half().to(DEVICES[-1])
+    disp = (0.25 * torch.randn(1, 2, 8, 8, generator=gen)).half().to(src.device)
+    grad = torch.full((1, 2, 8, 8), 2048.0, dtype=torch.float16, device=src.device)  # Σ = 131,072
+    got = src_grad(src, disp, grad, deterministic=True)
+    exact = src_grad(src.double(), disp.double(), grad.double())
+    assert torch.isfinite(got).all()
+    assert rel_err(got.double(), exact) <= TOL[torch.float16][1]
+
+
 @pytest.mark.parametrize("op", ["warp", "merged_warp", "warp_l1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("factor", [1e-30, 1e30])
