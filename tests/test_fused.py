@@ -227,16 +227,18 @@ def test_deterministic_non_finite_grad_gives_nan():
     assert torch.equal(poisoned[1], clean[1]) and torch.equal(poisoned[0, 1:], clean[0, 1:])
 
 
-def test_deterministic_headroom_when_one_element_takes_the_whole_bound():
-    """All 16 output pixels sample src[0, 0] with weight 1 and ∂L/∂out = 1: the element receives
-    exactly its plane's bound, 16 = 2⁴. The fixed-point sum must hold bound · scale = 2⁶² (with
-    2⁶³ it would wrap around int64)."""
+@pytest.mark.parametrize("g", [1.0, 2.0**-140], ids=["one", "subnormal"])
+def test_deterministic_headroom_when_one_element_takes_the_whole_bound(g):
+    """All 16 output pixels sample src[0, 0] with weight 1 and ∂L/∂out = g: the element receives
+    exactly its plane's bound, 16·g, a power of two. The fixed-point sum must hold bound · scale
+    = 2⁶² (with 2⁶³ it would wrap around int64), and at a float32-subnormal g = 2⁻¹⁴⁰ each of the
+    scale's two factors (2⁹⁹) must stay finite: the result is exact either way."""
     src = torch.randn(1, 1, 4, 4, device=DEVICES[-1])
     ys, xs = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
     disp = torch.stack((xs, ys))[None].to(src.device)  # x − δ = 0 everywhere
-    grad = src_grad(src, disp, torch.ones(1, 1, 4, 4, device=src.device), deterministic=True)
+    grad = src_grad(src, disp, torch.full((1, 1, 4, 4), g, device=src.device), deterministic=True)
     expected = torch.zeros(1, 1, 4, 4)
-    expected[0, 0, 0, 0] = 16.0
+    expected[0, 0, 0, 0] = 16.0 * g
     assert torch.equal(grad.cpu(), expected)
 
 
