@@ -172,6 +172,19 @@ if numba is not None:
         return lo_x, hi_x, lo_y, hi_y
 
     @_jit(inline="always")
+    def _store_offsets(off, x, x0, y0, w_in, h_in, us_w, us_h):
+        """off[n][x]: the src offsets of pixel x's four neighbours, indices clamped into src
+        (a neighbour outside reads there with weight 0)."""
+        cx0 = np.uint64(min(max(x0, 0), w_in - 1)) * us_w
+        cx1 = np.uint64(min(max(x0 + 1, 0), w_in - 1)) * us_w
+        cy0 = np.uint64(min(max(y0, 0), h_in - 1)) * us_h
+        cy1 = np.uint64(min(max(y0 + 1, 0), h_in - 1)) * us_h
+        off[0][x] = cy0 + cx0
+        off[1][x] = cy0 + cx1
+        off[2][x] = cy1 + cx0
+        off[3][x] = cy1 + cx1
+
+    @_jit(inline="always")
     def _row_positions(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, s_h, s_w, scratch):
         """off, wts and finite of one output row; δ of pixel x is (dsx[ox + x], dsy[oy + x]).
 
@@ -200,14 +213,7 @@ if numba is not None:
             wx1 = ax if x0 >= -1 and x0 < w_in - 1 and f else zero
             wy0 = one - ay if y0 >= 0 and y0 < h_in and f else zero
             wy1 = ay if y0 >= -1 and y0 < h_in - 1 and f else zero
-            cx0 = np.uint64(min(max(x0, 0), w_in - 1)) * us_w
-            cx1 = np.uint64(min(max(x0 + 1, 0), w_in - 1)) * us_w
-            cy0 = np.uint64(min(max(y0, 0), h_in - 1)) * us_h
-            cy1 = np.uint64(min(max(y0 + 1, 0), h_in - 1)) * us_h
-            off[0][x] = cy0 + cx0
-            off[1][x] = cy0 + cx1
-            off[2][x] = cy1 + cx0
-            off[3][x] = cy1 + cx1
+            _store_offsets(off, x, x0, y0, w_in, h_in, us_w, us_h)
             wts[0][x] = wy0 * wx0
             wts[1][x] = wy0 * wx1
             wts[2][x] = wy1 * wx0
@@ -235,14 +241,7 @@ if numba is not None:
             f = (dx - dx == zero) and (dy - dy == zero)
             x0, _, _ = _axis(xf, dx if f else xf, lo_x, hi_x, border, one)
             y0, _, _ = _axis(yf, dy if f else yf, lo_y, hi_y, border, one)
-            cx0 = np.uint64(min(max(x0, 0), w_in - 1)) * us_w
-            cx1 = np.uint64(min(max(x0 + 1, 0), w_in - 1)) * us_w
-            cy0 = np.uint64(min(max(y0, 0), h_in - 1)) * us_h
-            cy1 = np.uint64(min(max(y0 + 1, 0), h_in - 1)) * us_h
-            off[0][x] = cy0 + cx0
-            off[1][x] = cy0 + cx1
-            off[2][x] = cy1 + cx0
-            off[3][x] = cy1 + cx1
+            _store_offsets(off, x, x0, y0, w_in, h_in, us_w, us_h)
             flags[2][x] = f
 
     @_jit(inline="always")
