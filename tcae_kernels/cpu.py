@@ -393,18 +393,13 @@ if numba is not None:
             return neg[0], 0, neg[1], 0
         return disp, ox, disp, oy
 
-    @_jit
-    def _warp_fwd(src, ss, disp, out, so, mask, sizes, border, flow, want_mask, r0, r1):
-        """Rows r0 … r1 − 1 (over B·H) of T(src, δ), or of the warp at x + disp when ``flow``;
-        disp contiguous [B, 2, H, W]. With want_mask, mask [B, H·W] (contiguous) gets each
-        pixel's weight inside src (NaN at a non-finite δ)."""
+    @_jit(_nrt=False)
+    def _warp_fwd_rows(src, ss, disp, out, so, mask, sizes, border, flow, want_mask, r0, r1, xs, bounds, scratch,
+                       neg):
+        """The rows of _warp_fwd, the caller allocating the scratch (no reference counting: see _warp_bwd_rows)."""
         b_, c_, h, w, h_in, w_in = sizes
         hw = h * w
-        xs = _coords(w, disp)
-        bounds = _clamp_bounds(disp, w_in, h_in, border)
-        scratch = _scratch(w, src)
         off, wts, _, flags = scratch
-        neg = np.empty((2, w), disp.dtype)
         for q in range(r0, r1):
             b = q // h
             y = q - b * h
@@ -416,6 +411,16 @@ if numba is not None:
                 for x in range(w):
                     m = (wts[0][x] + wts[1][x]) + (wts[2][x] + wts[3][x])
                     mask[b * hw + y * w + x] = m if flags[2][x] else np.nan
+
+    @_jit
+    def _warp_fwd(src, ss, disp, out, so, mask, sizes, border, flow, want_mask, r0, r1):
+        """Rows r0 … r1 − 1 (over B·H) of T(src, δ), or of the warp at x + disp when ``flow``;
+        disp contiguous [B, 2, H, W]. With want_mask, mask [B, H·W] (contiguous) gets each
+        pixel's weight inside src (NaN at a non-finite δ)."""
+        b_, c_, h, w, h_in, w_in = sizes
+        _warp_fwd_rows(src, ss, disp, out, so, mask, sizes, border, flow, want_mask, r0, r1,
+                       _coords(w, disp), _clamp_bounds(disp, w_in, h_in, border), _scratch(w, src),
+                       np.empty((2, w), disp.dtype))
 
     @_jit
     def _merge_row(fa, fb, la, lb, b, y, w, hw, rows):
