@@ -147,13 +147,7 @@ if numba is not None:
     def _scratch(w, like):
         """A row scratch for W pixels (layout above), floats in like's dtype."""
         f = like.dtype
-        return (
-            (np.empty(w, np.uint64), np.empty(w, np.uint64), np.empty(w, np.uint64), np.empty(w, np.uint64)),
-            (np.empty(w, f), np.empty(w, f), np.empty(w, f), np.empty(w, f)),
-            (np.empty(w, f), np.empty(w, f), np.empty(w, f), np.empty(w, f),
-             np.empty(w, f), np.empty(w, f), np.empty(w, f), np.empty(w, f)),
-            (np.empty(w, np.bool_), np.empty(w, np.bool_), np.empty(w, np.bool_)),
-        )
+        return np.empty((4, w), np.uint64), np.empty((4, w), f), np.empty((8, w), f), np.empty((3, w), np.bool_)
 
     @_jit
     def _coords(w, like):
@@ -179,10 +173,10 @@ if numba is not None:
         cx1 = np.uint64(min(max(x0 + 1, 0), w_in - 1)) * us_w
         cy0 = np.uint64(min(max(y0, 0), h_in - 1)) * us_h
         cy1 = np.uint64(min(max(y0 + 1, 0), h_in - 1)) * us_h
-        off[0][x] = cy0 + cx0
-        off[1][x] = cy0 + cx1
-        off[2][x] = cy1 + cx0
-        off[3][x] = cy1 + cx1
+        off[0, x] = cy0 + cx0
+        off[1, x] = cy0 + cx1
+        off[2, x] = cy1 + cx0
+        off[3, x] = cy1 + cx1
 
     @_jit(inline="always")
     def _row_positions(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, s_h, s_w, scratch):
@@ -214,11 +208,11 @@ if numba is not None:
             wy0 = one - ay if y0 >= 0 and y0 < h_in and f else zero
             wy1 = ay if y0 >= -1 and y0 < h_in - 1 and f else zero
             _store_offsets(off, x, x0, y0, w_in, h_in, us_w, us_h)
-            wts[0][x] = wy0 * wx0
-            wts[1][x] = wy0 * wx1
-            wts[2][x] = wy1 * wx0
-            wts[3][x] = wy1 * wx1
-            flags[2][x] = f
+            wts[0, x] = wy0 * wx0
+            wts[1, x] = wy0 * wx1
+            wts[2, x] = wy1 * wx0
+            wts[3, x] = wy1 * wx1
+            flags[2, x] = f
 
     @_jit(inline="always")
     def _row_offsets(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, s_h, s_w, scratch):
@@ -242,7 +236,7 @@ if numba is not None:
             x0, _, _ = _axis(xf, dx if f else xf, lo_x, hi_x, border, one)
             y0, _, _ = _axis(yf, dy if f else yf, lo_y, hi_y, border, one)
             _store_offsets(off, x, x0, y0, w_in, h_in, us_w, us_h)
-            flags[2][x] = f
+            flags[2, x] = f
 
     @_jit(inline="always")
     def _row_gradient_terms(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, scratch):
@@ -257,8 +251,8 @@ if numba is not None:
             # _axis's gate: with border padding, δ gets no gradient where the position is on or past the edge.
             dx = dsx[uox + np.uint64(x)]
             dy = dsy[uoy + np.uint64(x)]
-            flags[0][x] = (dx < xs[x] and dx > xs[x] - hi_x) if border else True
-            flags[1][x] = (dy < yf and dy > yf - hi_y) if border else True
+            flags[0, x] = (dx < xs[x] and dx > xs[x] - hi_x) if border else True
+            flags[1, x] = (dy < yf and dy > yf - hi_y) if border else True
         for x in range(xs.shape[0]):
             dx = dsx[uox + np.uint64(x)]
             dy = dsy[uoy + np.uint64(x)]
@@ -274,21 +268,21 @@ if numba is not None:
             wy0 = one - ay if vy0 and f else zero
             wy1 = ay if vy1 and f else zero
             # ∂wts[n]/∂x̂ and ∂wts[n]/∂ŷ: the slopes of the zero-filled bilinear interpolation.
-            axw[0][x] = -wy0 if vx0 else zero
-            axw[1][x] = wy0 if vx1 else zero
-            axw[2][x] = -wy1 if vx0 else zero
-            axw[3][x] = wy1 if vx1 else zero
-            axw[4][x] = -wx0 if vy0 else zero
-            axw[5][x] = -wx1 if vy0 else zero
-            axw[6][x] = wx0 if vy1 else zero
-            axw[7][x] = wx1 if vy1 else zero
+            axw[0, x] = -wy0 if vx0 else zero
+            axw[1, x] = wy0 if vx1 else zero
+            axw[2, x] = -wy1 if vx0 else zero
+            axw[3, x] = wy1 if vx1 else zero
+            axw[4, x] = -wx0 if vy0 else zero
+            axw[5, x] = -wx1 if vy0 else zero
+            axw[6, x] = wx0 if vy1 else zero
+            axw[7, x] = wx1 if vy1 else zero
 
     @_jit(inline="always")
     def _interpolate_row(src, base, off, wts, out, ob, os_w, w):
         """out[ob + x·os_w] = Σ_n wts[n][x] · src[base + off[n][x]]: one channel of one row."""
         for x in range(w):
-            out[ob + np.uint64(x) * os_w] = (wts[0][x] * src[base + off[0][x]] + wts[1][x] * src[base + off[1][x]]) + (
-                wts[2][x] * src[base + off[2][x]] + wts[3][x] * src[base + off[3][x]]
+            out[ob + np.uint64(x) * os_w] = (wts[0, x] * src[base + off[0, x]] + wts[1, x] * src[base + off[1, x]]) + (
+                wts[2, x] * src[base + off[2, x]] + wts[3, x] * src[base + off[3, x]]
             )
 
     @_jit(inline="always")
@@ -299,8 +293,8 @@ if numba is not None:
         o1 = ob + os_c
         o2 = o1 + os_c
         for x in range(w):
-            p0, p1, p2, p3 = off[0][x], off[1][x], off[2][x], off[3][x]
-            w0, w1, w2, w3 = wts[0][x], wts[1][x], wts[2][x], wts[3][x]
+            p0, p1, p2, p3 = off[0, x], off[1, x], off[2, x], off[3, x]
+            w0, w1, w2, w3 = wts[0, x], wts[1, x], wts[2, x], wts[3, x]
             ux = np.uint64(x) * os_w
             out[ob + ux] = (w0 * src[base + p0] + w1 * src[base + p1]) + (w2 * src[base + p2] + w3 * src[base + p3])
             out[o1 + ux] = (w0 * src[b1 + p0] + w1 * src[b1 + p1]) + (w2 * src[b1 + p2] + w3 * src[b1 + p3])
@@ -324,52 +318,35 @@ if numba is not None:
                     out[ob + c * os_c + x * os_w] = np.nan
 
     @_jit(inline="always")
-    def _slopes(src, p0, p1, p2, p3, axw, x):
-        """(∂out/∂x̂, ∂out/∂ŷ) of one channel at pixel x, its neighbours at src offsets p0 … p3."""
-        v00 = src[p0]
-        v01 = src[p1]
-        v10 = src[p2]
-        v11 = src[p3]
-        return ((axw[0][x] * v00 + axw[1][x] * v01) + (axw[2][x] * v10 + axw[3][x] * v11),
-                (axw[4][x] * v00 + axw[5][x] * v01) + (axw[6][x] * v10 + axw[7][x] * v11))
-
-    @_jit(inline="always")
-    def _position_sums(src, sb, s_c, off, axw, g, gb, g_c, g_w, c_, sums, w):
+    def _position_sums(src, sb, s_c, off, axw, g, gb, g_c, g_w, c_, sums, vals, w):
         """sums[0, x] = Σ_c g·∂out/∂x̂ and sums[1, x] = Σ_c g·∂out/∂ŷ over one row (SPEC section 2).
 
-        ∂out/∂x̂ = Σ_n axw[n][x]·v_n, ∂out/∂ŷ = Σ_n axw[4 + n][x]·v_n over the
-        neighbours' values v_n. Channels in order: three per pass over the row, then one.
+        ∂out/∂x̂ = Σ_n axw[n, x]·v_n, ∂out/∂ŷ = Σ_n axw[4 + n, x]·v_n over the
+        neighbours' values v_n; channels in order. Per channel, a scalar loop
+        copies the four neighbours and g into vals [5, W], then a loop over
+        contiguous rows does the arithmetic, which LLVM vectorizes. In one loop
+        it stays scalar: LLVM cannot bound the gathered indices, so it cannot
+        prove that the stores to sums miss src.
         """
-        sx = sums[0]
-        sy = sums[1]
-        sx[:] = 0
-        sy[:] = 0
-        for c in range(0, c_ - 2, 3):
-            c0 = sb + np.uint64(c) * s_c
-            c1 = c0 + s_c
-            c2 = c1 + s_c
-            g0 = gb + np.uint64(c) * g_c
-            g1 = g0 + g_c
-            g2 = g1 + g_c
-            for x in range(w):
-                o0, o1, o2, o3 = off[0][x], off[1][x], off[2][x], off[3][x]
-                ux = np.uint64(x) * g_w
-                a0, b0 = _slopes(src, c0 + o0, c0 + o1, c0 + o2, c0 + o3, axw, x)
-                a1, b1 = _slopes(src, c1 + o0, c1 + o1, c1 + o2, c1 + o3, axw, x)
-                a2, b2 = _slopes(src, c2 + o0, c2 + o1, c2 + o2, c2 + o3, axw, x)
-                gv0 = g[g0 + ux]
-                gv1 = g[g1 + ux]
-                gv2 = g[g2 + ux]
-                sx[x] = ((sx[x] + gv0 * a0) + gv1 * a1) + gv2 * a2
-                sy[x] = ((sy[x] + gv0 * b0) + gv1 * b1) + gv2 * b2
-        for c in range(c_ - c_ % 3, c_):
+        sums[:] = 0
+        for c in range(c_):
             cb = sb + np.uint64(c) * s_c
             gp = gb + np.uint64(c) * g_c
             for x in range(w):
-                a, b = _slopes(src, cb + off[0][x], cb + off[1][x], cb + off[2][x], cb + off[3][x], axw, x)
-                gv = g[gp + np.uint64(x) * g_w]
-                sx[x] += gv * a
-                sy[x] += gv * b
+                vals[0, x] = src[cb + off[0, x]]
+                vals[1, x] = src[cb + off[1, x]]
+                vals[2, x] = src[cb + off[2, x]]
+                vals[3, x] = src[cb + off[3, x]]
+            # g's row as it is when contiguous, else copied into vals[4].
+            gr, go = g, gp
+            if g_w != 1:
+                gr, go = vals[4], np.uint64(0)
+                for x in range(w):
+                    gr[x] = g[gp + np.uint64(x) * g_w]
+            for x in range(w):
+                v00, v01, v10, v11, gv = vals[0, x], vals[1, x], vals[2, x], vals[3, x], gr[go + np.uint64(x)]
+                sums[0, x] += gv * ((axw[0, x] * v00 + axw[1, x] * v01) + (axw[2, x] * v10 + axw[3, x] * v11))
+                sums[1, x] += gv * ((axw[4, x] * v00 + axw[5, x] * v01) + (axw[6, x] * v10 + axw[7, x] * v11))
 
     @_jit(inline="always")
     def _disp_grad_row(gdisp, gd, hw, sums, flags, w):
@@ -379,8 +356,8 @@ if numba is not None:
         uy = np.uint64(gd + hw)
         for x in range(w):
             # ∂x̂/∂δx = −1.
-            gdisp[ux + np.uint64(x)] = (-sums[0, x] if flags[0][x] else zero) if flags[2][x] else np.nan
-            gdisp[uy + np.uint64(x)] = (-sums[1, x] if flags[1][x] else zero) if flags[2][x] else np.nan
+            gdisp[ux + np.uint64(x)] = (-sums[0, x] if flags[0, x] else zero) if flags[2, x] else np.nan
+            gdisp[uy + np.uint64(x)] = (-sums[1, x] if flags[1, x] else zero) if flags[2, x] else np.nan
 
     @_jit(inline="always")
     def _row_field(disp, ox, oy, w, flow, neg):
@@ -409,8 +386,8 @@ if numba is not None:
             _nan_where_not_finite(out, b * so[0] + y * so[2], so[1], so[3], c_, flags[2])
             if want_mask:
                 for x in range(w):
-                    m = (wts[0][x] + wts[1][x]) + (wts[2][x] + wts[3][x])
-                    mask[b * hw + y * w + x] = m if flags[2][x] else np.nan
+                    m = (wts[0, x] + wts[1, x]) + (wts[2, x] + wts[3, x])
+                    mask[b * hw + y * w + x] = m if flags[2, x] else np.nan
 
     @_jit
     def _warp_fwd(src, ss, disp, out, so, mask, sizes, border, flow, want_mask, r0, r1):
@@ -456,8 +433,8 @@ if numba is not None:
             gp = gb + np.uint64(c) * g_c
             sp = base + np.uint64(c) * gs_c
             for x in range(w):
-                p0, p1, p2, p3 = off[0][x], off[1][x], off[2][x], off[3][x]
-                w0, w1, w2, w3 = wts[0][x], wts[1][x], wts[2][x], wts[3][x]
+                p0, p1, p2, p3 = off[0, x], off[1, x], off[2, x], off[3, x]
+                w0, w1, w2, w3 = wts[0, x], wts[1, x], wts[2, x], wts[3, x]
                 gq = gp + np.uint64(x) * g_w
                 for k in range(3):
                     gv = g[gq + np.uint64(k) * g_c]
@@ -471,10 +448,10 @@ if numba is not None:
             sp = base + np.uint64(c) * gs_c
             for x in range(w):
                 gv = g[gp + np.uint64(x) * g_w]
-                gsrc[sp + off[0][x]] += gv * wts[0][x]
-                gsrc[sp + off[1][x]] += gv * wts[1][x]
-                gsrc[sp + off[2][x]] += gv * wts[2][x]
-                gsrc[sp + off[3][x]] += gv * wts[3][x]
+                gsrc[sp + off[0, x]] += gv * wts[0, x]
+                gsrc[sp + off[1, x]] += gv * wts[1, x]
+                gsrc[sp + off[2, x]] += gv * wts[2, x]
+                gsrc[sp + off[3, x]] += gv * wts[3, x]
 
     @_jit(inline="always")
     def _unit(u, groups, need_src, c_, h):
@@ -503,7 +480,7 @@ if numba is not None:
 
     @_jit(_nrt=False)
     def _warp_bwd_rows(src, ss, disp, g, sg, gmask, flow, want_mask, gdisp, gsrc, sizes, border, need_src,
-                       need_disp, b, c0, c1, y0, y1, xs, bounds, scratch, sums, neg):
+                       need_disp, b, c0, c1, y0, y1, xs, bounds, scratch, sums, vals, neg):
         """Rows y0 … y1 − 1 of batch element b for _warp_bwd; the caller allocates the scratch.
 
         Compiled without numba's reference counting (_nrt=False), the arrays
@@ -528,13 +505,13 @@ if numba is not None:
             if need_disp:
                 _row_gradient_terms(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, scratch)
                 _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, g,
-                               gb, np.uint64(sg[1]), np.uint64(sg[3]), c_, sums, w)
+                               gb, np.uint64(sg[1]), np.uint64(sg[3]), c_, sums, vals, w)
                 if want_mask:
                     # The mask is Σ_n wts[n]: its slopes are those of the weights.
                     for x in range(w):
                         gm = gmask[b * hw + y * w + x]
-                        sums[0, x] += gm * ((axw[0][x] + axw[1][x]) + (axw[2][x] + axw[3][x]))
-                        sums[1, x] += gm * ((axw[4][x] + axw[5][x]) + (axw[6][x] + axw[7][x]))
+                        sums[0, x] += gm * ((axw[0, x] + axw[1, x]) + (axw[2, x] + axw[3, x]))
+                        sums[1, x] += gm * ((axw[4, x] + axw[5, x]) + (axw[6, x] + axw[7, x]))
                 if flow:
                     # ∂x̂/∂f = +1: _disp_grad_row's −sums comes out with the sign flipped, exactly.
                     for x in range(w):
@@ -558,17 +535,18 @@ if numba is not None:
         bounds = _clamp_bounds(disp, w_in, h_in, border)
         scratch = _scratch(w, src)
         sums = np.empty((2, w), src.dtype)
+        vals = np.empty((5, w), src.dtype)
         neg = np.empty((2, w), disp.dtype)
         for u in range(u0, u1):
             b, c0, c1, y0, y1 = _unit(u, groups, need_src, c_, h)
             if need_src:
                 _zero_planes(gsrc, ss, b, c0, c1, h_in, w_in)
             _warp_bwd_rows(src, ss, disp, g, sg, gmask, flow, want_mask, gdisp, gsrc, sizes, border, need_src,
-                           need_disp, b, c0, c1, y0, y1, xs, bounds, scratch, sums, neg)
+                           need_disp, b, c0, c1, y0, y1, xs, bounds, scratch, sums, vals, neg)
 
     @_jit(_nrt=False)
     def _merged_bwd_rows(src, ss, fa, fb, la, lb, g, sg, grads, gsrc, sizes, border, need_src, need_fields,
-                         b, c0, c1, y0, y1, xs, bounds, scratch, sums, rows):
+                         b, c0, c1, y0, y1, xs, bounds, scratch, sums, vals, rows):
         """Rows y0 … y1 − 1 of batch element b for _merged_bwd (no reference counting: see _warp_bwd_rows)."""
         b_, c_, h, w, h_in, w_in = sizes
         hw = h * w
@@ -588,15 +566,15 @@ if numba is not None:
                 continue
             _row_gradient_terms(rows[5], 0, rows[6], 0, xs, yf, bounds, border, w_in, h_in, scratch)
             _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, g,
-                           gb, np.uint64(sg[1]), np.uint64(sg[3]), c_, sums, w)
+                           gb, np.uint64(sg[1]), np.uint64(sg[3]), c_, sums, vals, w)
             for x in range(w):
                 od = b * 2 * hw + y * w + x
                 ol = b * hw + y * w + x
-                if not flags[2][x]:
+                if not flags[2, x]:
                     gfa[od] = gfa[od + hw] = gfb[od] = gfb[od + hw] = gla[ol] = glb[ol] = np.nan
                     continue
-                gdx = -np.float64(sums[0, x]) if flags[0][x] else 0.0
-                gdy = -np.float64(sums[1, x]) if flags[1][x] else 0.0
+                gdx = -np.float64(sums[0, x]) if flags[0, x] else 0.0
+                gdy = -np.float64(sums[1, x]) if flags[1, x] else 0.0
                 # δ = w_a·δ_a + w_b·δ_b with ∂w_a/∂l_a = w_a·w_b = −∂w_a/∂l_b.
                 wa = rows[4, x]
                 wb = 1.0 - wa
@@ -618,12 +596,13 @@ if numba is not None:
         bounds = _clamp_bounds(rows, w_in, h_in, border)
         scratch = _scratch(w, src)
         sums = np.empty((2, w), src.dtype)
+        vals = np.empty((5, w), src.dtype)
         for u in range(u0, u1):
             b, c0, c1, y0, y1 = _unit(u, groups, need_src, c_, h)
             if need_src:
                 _zero_planes(gsrc, ss, b, c0, c1, h_in, w_in)
             _merged_bwd_rows(src, ss, fa, fb, la, lb, g, sg, grads, gsrc, sizes, border, need_src, need_fields,
-                             b, c0, c1, y0, y1, xs, bounds, scratch, sums, rows)
+                             b, c0, c1, y0, y1, xs, bounds, scratch, sums, vals, rows)
 
     @_jit
     def _merged_fwd(src, ss, fa, fb, la, lb, out, so, sizes, border, r0, r1):
@@ -663,17 +642,17 @@ if numba is not None:
                 base = np.uint64(b * ss[0] + c * ss[1])
                 tb = np.uint64(b * st[0] + c * st[1] + y * st[2])
                 for x in range(w):
-                    val = (wts[0][x] * src[base + off[0][x]] + wts[1][x] * src[base + off[1][x]]) + (
-                        wts[2][x] * src[base + off[2][x]] + wts[3][x] * src[base + off[3][x]])
+                    val = (wts[0, x] * src[base + off[0, x]] + wts[1, x] * src[base + off[1, x]]) + (
+                        wts[2, x] * src[base + off[2, x]] + wts[3, x] * src[base + off[3, x]])
                     acc[x] += np.float64(abs(val - tgt[tb + np.uint64(x) * np.uint64(st[3])]))
             total = 0.0
             for x in range(w):
-                total += acc[x] if flags[2][x] else np.nan
+                total += acc[x] if flags[2, x] else np.nan
             part[q] = total
 
     @_jit(_nrt=False)
     def _l1_bwd_rows(src, ss, disp, tgt, st, g_b, gdisp, gtgt, gsrc, sizes, border,
-                     need_src, need_disp, need_target, b, c0, c1, y0, y1, xs, bounds, scratch, sums, rowg):
+                     need_src, need_disp, need_target, b, c0, c1, y0, y1, xs, bounds, scratch, sums, vals, rowg):
         """Rows y0 … y1 − 1 of batch element b for _l1_bwd, g_b = ∂L/∂loss[b]/(C·H·W) (no reference
         counting: see _warp_bwd_rows); rowg holds ∂loss/∂out of one row, [C, W]."""
         b_, c_, h, w, h_in, w_in = sizes
@@ -689,8 +668,8 @@ if numba is not None:
                 tb = np.uint64(b * st[0] + c * st[1] + y * st[2])
                 rb = np.uint64(c * w)
                 for x in range(w):
-                    val = (wts[0][x] * src[base + off[0][x]] + wts[1][x] * src[base + off[1][x]]) + (
-                        wts[2][x] * src[base + off[2][x]] + wts[3][x] * src[base + off[3][x]])
+                    val = (wts[0, x] * src[base + off[0, x]] + wts[1, x] * src[base + off[1, x]]) + (
+                        wts[2, x] * src[base + off[2, x]] + wts[3, x] * src[base + off[3, x]])
                     diff = val - tgt[tb + np.uint64(x) * np.uint64(st[3])]
                     # Two selects, not nested branches: the sign of a difference is unpredictable.
                     gv = g_b if diff > 0 else zero
@@ -699,14 +678,14 @@ if numba is not None:
                     ob = np.uint64(((b * c_ + c) * h + y) * w)
                     for x in range(w):
                         # |NaN − t| has no slope: NaN, as autograd gives for abs at NaN.
-                        gtgt[ob + np.uint64(x)] = -rowg[rb + np.uint64(x)] if flags[2][x] else np.nan
+                        gtgt[ob + np.uint64(x)] = -rowg[rb + np.uint64(x)] if flags[2, x] else np.nan
             if need_src:
                 _scatter_row(rowg, np.uint64(0), np.uint64(w), np.uint64(1), off, wts,
                              gsrc, np.uint64(b * ss[0]), np.uint64(ss[1]), c0, c1, w)
             if need_disp:
                 _row_gradient_terms(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, scratch)
                 _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, rowg,
-                               np.uint64(0), np.uint64(w), np.uint64(1), c_, sums, w)
+                               np.uint64(0), np.uint64(w), np.uint64(1), c_, sums, vals, w)
                 _disp_grad_row(gdisp, b * 2 * hw + y * w, hw, sums, flags, w)
 
     @_jit
@@ -720,6 +699,7 @@ if numba is not None:
         bounds = _clamp_bounds(disp, w_in, h_in, border)
         scratch = _scratch(w, src)
         sums = np.empty((2, w), src.dtype)
+        vals = np.empty((5, w), src.dtype)
         rowg = np.empty(c_ * w, src.dtype)  # ∂loss/∂out of one row, [C, W]
         for u in range(u0, u1):
             b, c0, c1, y0, y1 = _unit(u, groups, need_src, c_, h)
@@ -727,7 +707,7 @@ if numba is not None:
                 _zero_planes(gsrc, ss, b, c0, c1, h_in, w_in)
             g_b = src.dtype.type(gloss[b]) * src.dtype.type(inv_count)
             _l1_bwd_rows(src, ss, disp, tgt, st, g_b, gdisp, gtgt, gsrc, sizes, border,
-                         need_src, need_disp, need_target, b, c0, c1, y0, y1, xs, bounds, scratch, sums, rowg)
+                         need_src, need_disp, need_target, b, c0, c1, y0, y1, xs, bounds, scratch, sums, vals, rowg)
 
 
 if numba is not None:
