@@ -147,7 +147,13 @@ if numba is not None:
     def _scratch(w, like):
         """A row scratch for W pixels (layout above), floats in like's dtype."""
         f = like.dtype
-        return np.empty((4, w), np.uint64), np.empty((4, w), f), np.empty((8, w), f), np.empty((3, w), np.bool_)
+        return (
+            (np.empty(w, np.uint64), np.empty(w, np.uint64), np.empty(w, np.uint64), np.empty(w, np.uint64)),
+            (np.empty(w, f), np.empty(w, f), np.empty(w, f), np.empty(w, f)),
+            (np.empty(w, f), np.empty(w, f), np.empty(w, f), np.empty(w, f),
+             np.empty(w, f), np.empty(w, f), np.empty(w, f), np.empty(w, f)),
+            (np.empty(w, np.bool_), np.empty(w, np.bool_), np.empty(w, np.bool_)),
+        )
 
     @_jit
     def _coords(w, like):
@@ -173,10 +179,10 @@ if numba is not None:
         cx1 = np.uint64(min(max(x0 + 1, 0), w_in - 1)) * us_w
         cy0 = np.uint64(min(max(y0, 0), h_in - 1)) * us_h
         cy1 = np.uint64(min(max(y0 + 1, 0), h_in - 1)) * us_h
-        off[0, x] = cy0 + cx0
-        off[1, x] = cy0 + cx1
-        off[2, x] = cy1 + cx0
-        off[3, x] = cy1 + cx1
+        off[0][x] = cy0 + cx0
+        off[1][x] = cy0 + cx1
+        off[2][x] = cy1 + cx0
+        off[3][x] = cy1 + cx1
 
     @_jit(inline="always")
     def _row_positions(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, s_h, s_w, scratch):
@@ -208,11 +214,11 @@ if numba is not None:
             wy0 = one - ay if y0 >= 0 and y0 < h_in and f else zero
             wy1 = ay if y0 >= -1 and y0 < h_in - 1 and f else zero
             _store_offsets(off, x, x0, y0, w_in, h_in, us_w, us_h)
-            wts[0, x] = wy0 * wx0
-            wts[1, x] = wy0 * wx1
-            wts[2, x] = wy1 * wx0
-            wts[3, x] = wy1 * wx1
-            flags[2, x] = f
+            wts[0][x] = wy0 * wx0
+            wts[1][x] = wy0 * wx1
+            wts[2][x] = wy1 * wx0
+            wts[3][x] = wy1 * wx1
+            flags[2][x] = f
 
     @_jit(inline="always")
     def _row_offsets(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, s_h, s_w, scratch):
@@ -236,7 +242,7 @@ if numba is not None:
             x0, _, _ = _axis(xf, dx if f else xf, lo_x, hi_x, border, one)
             y0, _, _ = _axis(yf, dy if f else yf, lo_y, hi_y, border, one)
             _store_offsets(off, x, x0, y0, w_in, h_in, us_w, us_h)
-            flags[2, x] = f
+            flags[2][x] = f
 
     @_jit(inline="always")
     def _row_gradient_terms(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, scratch):
@@ -251,8 +257,8 @@ if numba is not None:
             # _axis's gate: with border padding, δ gets no gradient where the position is on or past the edge.
             dx = dsx[uox + np.uint64(x)]
             dy = dsy[uoy + np.uint64(x)]
-            flags[0, x] = (dx < xs[x] and dx > xs[x] - hi_x) if border else True
-            flags[1, x] = (dy < yf and dy > yf - hi_y) if border else True
+            flags[0][x] = (dx < xs[x] and dx > xs[x] - hi_x) if border else True
+            flags[1][x] = (dy < yf and dy > yf - hi_y) if border else True
         for x in range(xs.shape[0]):
             dx = dsx[uox + np.uint64(x)]
             dy = dsy[uoy + np.uint64(x)]
@@ -268,21 +274,21 @@ if numba is not None:
             wy0 = one - ay if vy0 and f else zero
             wy1 = ay if vy1 and f else zero
             # ∂wts[n]/∂x̂ and ∂wts[n]/∂ŷ: the slopes of the zero-filled bilinear interpolation.
-            axw[0, x] = -wy0 if vx0 else zero
-            axw[1, x] = wy0 if vx1 else zero
-            axw[2, x] = -wy1 if vx0 else zero
-            axw[3, x] = wy1 if vx1 else zero
-            axw[4, x] = -wx0 if vy0 else zero
-            axw[5, x] = -wx1 if vy0 else zero
-            axw[6, x] = wx0 if vy1 else zero
-            axw[7, x] = wx1 if vy1 else zero
+            axw[0][x] = -wy0 if vx0 else zero
+            axw[1][x] = wy0 if vx1 else zero
+            axw[2][x] = -wy1 if vx0 else zero
+            axw[3][x] = wy1 if vx1 else zero
+            axw[4][x] = -wx0 if vy0 else zero
+            axw[5][x] = -wx1 if vy0 else zero
+            axw[6][x] = wx0 if vy1 else zero
+            axw[7][x] = wx1 if vy1 else zero
 
     @_jit(inline="always")
     def _interpolate_row(src, base, off, wts, out, ob, os_w, w):
         """out[ob + x·os_w] = Σ_n wts[n][x] · src[base + off[n][x]]: one channel of one row."""
         for x in range(w):
-            out[ob + np.uint64(x) * os_w] = (wts[0, x] * src[base + off[0, x]] + wts[1, x] * src[base + off[1, x]]) + (
-                wts[2, x] * src[base + off[2, x]] + wts[3, x] * src[base + off[3, x]]
+            out[ob + np.uint64(x) * os_w] = (wts[0][x] * src[base + off[0][x]] + wts[1][x] * src[base + off[1][x]]) + (
+                wts[2][x] * src[base + off[2][x]] + wts[3][x] * src[base + off[3][x]]
             )
 
     @_jit(inline="always")
@@ -293,8 +299,8 @@ if numba is not None:
         o1 = ob + os_c
         o2 = o1 + os_c
         for x in range(w):
-            p0, p1, p2, p3 = off[0, x], off[1, x], off[2, x], off[3, x]
-            w0, w1, w2, w3 = wts[0, x], wts[1, x], wts[2, x], wts[3, x]
+            p0, p1, p2, p3 = off[0][x], off[1][x], off[2][x], off[3][x]
+            w0, w1, w2, w3 = wts[0][x], wts[1][x], wts[2][x], wts[3][x]
             ux = np.uint64(x) * os_w
             out[ob + ux] = (w0 * src[base + p0] + w1 * src[base + p1]) + (w2 * src[base + p2] + w3 * src[base + p3])
             out[o1 + ux] = (w0 * src[b1 + p0] + w1 * src[b1 + p1]) + (w2 * src[b1 + p2] + w3 * src[b1 + p3])
@@ -333,10 +339,10 @@ if numba is not None:
             cb = sb + np.uint64(c) * s_c
             gp = gb + np.uint64(c) * g_c
             for x in range(w):
-                vals[0, x] = src[cb + off[0, x]]
-                vals[1, x] = src[cb + off[1, x]]
-                vals[2, x] = src[cb + off[2, x]]
-                vals[3, x] = src[cb + off[3, x]]
+                vals[0, x] = src[cb + off[0][x]]
+                vals[1, x] = src[cb + off[1][x]]
+                vals[2, x] = src[cb + off[2][x]]
+                vals[3, x] = src[cb + off[3][x]]
             # g's row as it is when contiguous, else copied into vals[4].
             gr, go = g, gp
             if g_w != 1:
@@ -345,8 +351,8 @@ if numba is not None:
                     gr[x] = g[gp + np.uint64(x) * g_w]
             for x in range(w):
                 v00, v01, v10, v11, gv = vals[0, x], vals[1, x], vals[2, x], vals[3, x], gr[go + np.uint64(x)]
-                sums[0, x] += gv * ((axw[0, x] * v00 + axw[1, x] * v01) + (axw[2, x] * v10 + axw[3, x] * v11))
-                sums[1, x] += gv * ((axw[4, x] * v00 + axw[5, x] * v01) + (axw[6, x] * v10 + axw[7, x] * v11))
+                sums[0, x] += gv * ((axw[0][x] * v00 + axw[1][x] * v01) + (axw[2][x] * v10 + axw[3][x] * v11))
+                sums[1, x] += gv * ((axw[4][x] * v00 + axw[5][x] * v01) + (axw[6][x] * v10 + axw[7][x] * v11))
 
     @_jit(inline="always")
     def _disp_grad_row(gdisp, gd, hw, sums, flags, w):
@@ -356,8 +362,8 @@ if numba is not None:
         uy = np.uint64(gd + hw)
         for x in range(w):
             # ∂x̂/∂δx = −1.
-            gdisp[ux + np.uint64(x)] = (-sums[0, x] if flags[0, x] else zero) if flags[2, x] else np.nan
-            gdisp[uy + np.uint64(x)] = (-sums[1, x] if flags[1, x] else zero) if flags[2, x] else np.nan
+            gdisp[ux + np.uint64(x)] = (-sums[0, x] if flags[0][x] else zero) if flags[2][x] else np.nan
+            gdisp[uy + np.uint64(x)] = (-sums[1, x] if flags[1][x] else zero) if flags[2][x] else np.nan
 
     @_jit(inline="always")
     def _row_field(disp, ox, oy, w, flow, neg):
@@ -386,8 +392,8 @@ if numba is not None:
             _nan_where_not_finite(out, b * so[0] + y * so[2], so[1], so[3], c_, flags[2])
             if want_mask:
                 for x in range(w):
-                    m = (wts[0, x] + wts[1, x]) + (wts[2, x] + wts[3, x])
-                    mask[b * hw + y * w + x] = m if flags[2, x] else np.nan
+                    m = (wts[0][x] + wts[1][x]) + (wts[2][x] + wts[3][x])
+                    mask[b * hw + y * w + x] = m if flags[2][x] else np.nan
 
     @_jit
     def _warp_fwd(src, ss, disp, out, so, mask, sizes, border, flow, want_mask, r0, r1):
@@ -433,8 +439,8 @@ if numba is not None:
             gp = gb + np.uint64(c) * g_c
             sp = base + np.uint64(c) * gs_c
             for x in range(w):
-                p0, p1, p2, p3 = off[0, x], off[1, x], off[2, x], off[3, x]
-                w0, w1, w2, w3 = wts[0, x], wts[1, x], wts[2, x], wts[3, x]
+                p0, p1, p2, p3 = off[0][x], off[1][x], off[2][x], off[3][x]
+                w0, w1, w2, w3 = wts[0][x], wts[1][x], wts[2][x], wts[3][x]
                 gq = gp + np.uint64(x) * g_w
                 for k in range(3):
                     gv = g[gq + np.uint64(k) * g_c]
@@ -448,10 +454,10 @@ if numba is not None:
             sp = base + np.uint64(c) * gs_c
             for x in range(w):
                 gv = g[gp + np.uint64(x) * g_w]
-                gsrc[sp + off[0, x]] += gv * wts[0, x]
-                gsrc[sp + off[1, x]] += gv * wts[1, x]
-                gsrc[sp + off[2, x]] += gv * wts[2, x]
-                gsrc[sp + off[3, x]] += gv * wts[3, x]
+                gsrc[sp + off[0][x]] += gv * wts[0][x]
+                gsrc[sp + off[1][x]] += gv * wts[1][x]
+                gsrc[sp + off[2][x]] += gv * wts[2][x]
+                gsrc[sp + off[3][x]] += gv * wts[3][x]
 
     @_jit(inline="always")
     def _unit(u, groups, need_src, c_, h):
@@ -510,8 +516,8 @@ if numba is not None:
                     # The mask is Σ_n wts[n]: its slopes are those of the weights.
                     for x in range(w):
                         gm = gmask[b * hw + y * w + x]
-                        sums[0, x] += gm * ((axw[0, x] + axw[1, x]) + (axw[2, x] + axw[3, x]))
-                        sums[1, x] += gm * ((axw[4, x] + axw[5, x]) + (axw[6, x] + axw[7, x]))
+                        sums[0, x] += gm * ((axw[0][x] + axw[1][x]) + (axw[2][x] + axw[3][x]))
+                        sums[1, x] += gm * ((axw[4][x] + axw[5][x]) + (axw[6][x] + axw[7][x]))
                 if flow:
                     # ∂x̂/∂f = +1: _disp_grad_row's −sums comes out with the sign flipped, exactly.
                     for x in range(w):
@@ -570,11 +576,11 @@ if numba is not None:
             for x in range(w):
                 od = b * 2 * hw + y * w + x
                 ol = b * hw + y * w + x
-                if not flags[2, x]:
+                if not flags[2][x]:
                     gfa[od] = gfa[od + hw] = gfb[od] = gfb[od + hw] = gla[ol] = glb[ol] = np.nan
                     continue
-                gdx = -np.float64(sums[0, x]) if flags[0, x] else 0.0
-                gdy = -np.float64(sums[1, x]) if flags[1, x] else 0.0
+                gdx = -np.float64(sums[0, x]) if flags[0][x] else 0.0
+                gdy = -np.float64(sums[1, x]) if flags[1][x] else 0.0
                 # δ = w_a·δ_a + w_b·δ_b with ∂w_a/∂l_a = w_a·w_b = −∂w_a/∂l_b.
                 wa = rows[4, x]
                 wb = 1.0 - wa
@@ -642,12 +648,12 @@ if numba is not None:
                 base = np.uint64(b * ss[0] + c * ss[1])
                 tb = np.uint64(b * st[0] + c * st[1] + y * st[2])
                 for x in range(w):
-                    val = (wts[0, x] * src[base + off[0, x]] + wts[1, x] * src[base + off[1, x]]) + (
-                        wts[2, x] * src[base + off[2, x]] + wts[3, x] * src[base + off[3, x]])
+                    val = (wts[0][x] * src[base + off[0][x]] + wts[1][x] * src[base + off[1][x]]) + (
+                        wts[2][x] * src[base + off[2][x]] + wts[3][x] * src[base + off[3][x]])
                     acc[x] += np.float64(abs(val - tgt[tb + np.uint64(x) * np.uint64(st[3])]))
             total = 0.0
             for x in range(w):
-                total += acc[x] if flags[2, x] else np.nan
+                total += acc[x] if flags[2][x] else np.nan
             part[q] = total
 
     @_jit(_nrt=False)
@@ -668,8 +674,8 @@ if numba is not None:
                 tb = np.uint64(b * st[0] + c * st[1] + y * st[2])
                 rb = np.uint64(c * w)
                 for x in range(w):
-                    val = (wts[0, x] * src[base + off[0, x]] + wts[1, x] * src[base + off[1, x]]) + (
-                        wts[2, x] * src[base + off[2, x]] + wts[3, x] * src[base + off[3, x]])
+                    val = (wts[0][x] * src[base + off[0][x]] + wts[1][x] * src[base + off[1][x]]) + (
+                        wts[2][x] * src[base + off[2][x]] + wts[3][x] * src[base + off[3][x]])
                     diff = val - tgt[tb + np.uint64(x) * np.uint64(st[3])]
                     # Two selects, not nested branches: the sign of a difference is unpredictable.
                     gv = g_b if diff > 0 else zero
@@ -678,7 +684,7 @@ if numba is not None:
                     ob = np.uint64(((b * c_ + c) * h + y) * w)
                     for x in range(w):
                         # |NaN − t| has no slope: NaN, as autograd gives for abs at NaN.
-                        gtgt[ob + np.uint64(x)] = -rowg[rb + np.uint64(x)] if flags[2, x] else np.nan
+                        gtgt[ob + np.uint64(x)] = -rowg[rb + np.uint64(x)] if flags[2][x] else np.nan
             if need_src:
                 _scatter_row(rowg, np.uint64(0), np.uint64(w), np.uint64(1), off, wts,
                              gsrc, np.uint64(b * ss[0]), np.uint64(ss[1]), c0, c1, w)
