@@ -221,12 +221,10 @@ if numba is not None:
             flags[2][x] = f
 
     @_jit(inline="always")
-    def _row_offsets(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, s_h, s_w, scratch):
-        """_row_positions without the weights: off and finite, all that ∂L/∂δ alone needs of a row.
-
-        Four stores fewer per pixel: about a third of that pass's time.
-        """
-        off, _, _, flags = scratch
+    def _row_gradient_terms(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, s_h, s_w, scratch, alone):
+        """The slopes axw and the gates of one output row (arguments as _row_positions): what ∂L/∂δ
+        needs. ``alone`` (a constant): also off and finite, which _row_positions has not written."""
+        off, _, axw, flags = scratch
         lo_x, hi_x, lo_y, hi_y = bounds
         one = xs.dtype.type(1)
         zero = one - one
@@ -235,36 +233,21 @@ if numba is not None:
         uox = np.uint64(ox)
         uoy = np.uint64(oy)
         for x in range(xs.shape[0]):
-            dx = dsx[uox + np.uint64(x)]
-            dy = dsy[uoy + np.uint64(x)]
-            xf = xs[x]
-            f = (dx - dx == zero) and (dy - dy == zero)
-            x0, _, _ = _axis(xf, dx if f else xf, lo_x, hi_x, border, one)
-            y0, _, _ = _axis(yf, dy if f else yf, lo_y, hi_y, border, one)
-            _store_offsets(off, x, x0, y0, w_in, h_in, us_w, us_h)
-            flags[2][x] = f
-
-    @_jit(inline="always")
-    def _row_gradient_terms(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, scratch):
-        """The slopes axw and the gates of one output row (arguments as _row_positions): what ∂L/∂δ needs."""
-        _, _, axw, flags = scratch
-        lo_x, hi_x, lo_y, hi_y = bounds
-        one = xs.dtype.type(1)
-        zero = one - one
-        uox = np.uint64(ox)
-        uoy = np.uint64(oy)
-        for x in range(xs.shape[0]):
             # _axis's gate: with border padding, δ gets no gradient where the position is on or past the edge.
             dx = dsx[uox + np.uint64(x)]
             dy = dsy[uoy + np.uint64(x)]
             flags[0][x] = (dx < xs[x] and dx > xs[x] - hi_x) if border else True
             flags[1][x] = (dy < yf and dy > yf - hi_y) if border else True
+            if alone:
+                flags[2][x] = (dx - dx == zero) and (dy - dy == zero)
         for x in range(xs.shape[0]):
             dx = dsx[uox + np.uint64(x)]
             dy = dsy[uoy + np.uint64(x)]
             f = (dx - dx == zero) and (dy - dy == zero)
             x0, ax, _ = _axis(xs[x], dx if f else xs[x], lo_x, hi_x, border, one)
             y0, ay, _ = _axis(yf, dy if f else yf, lo_y, hi_y, border, one)
+            if alone:
+                _store_offsets(off, x, x0, y0, w_in, h_in, us_w, us_h)
             vx0 = x0 >= 0 and x0 < w_in
             vx1 = x0 >= -1 and x0 < w_in - 1
             vy0 = y0 >= 0 and y0 < h_in
@@ -506,10 +489,12 @@ if numba is not None:
                 _row_positions(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
                 _scatter_row(g, gb, np.uint64(sg[1]), np.uint64(sg[3]), off, wts,
                              gsrc, np.uint64(b * ss[0]), np.uint64(ss[1]), c0, c1, w)
-            else:
-                _row_offsets(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
+                if need_disp:
+                    _row_gradient_terms(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch,
+                                        False)
+            else:  # ∂L/∂δ alone
+                _row_gradient_terms(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch, True)
             if need_disp:
-                _row_gradient_terms(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, scratch)
                 _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, g,
                                gb, np.uint64(sg[1]), np.uint64(sg[3]), c_, sums, vals, w)
                 if want_mask:
@@ -566,11 +551,13 @@ if numba is not None:
                 _row_positions(rows[5], 0, rows[6], 0, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
                 _scatter_row(g, gb, np.uint64(sg[1]), np.uint64(sg[3]), off, wts,
                              gsrc, np.uint64(b * ss[0]), np.uint64(ss[1]), c0, c1, w)
-            else:
-                _row_offsets(rows[5], 0, rows[6], 0, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
-            if not need_fields:
-                continue
-            _row_gradient_terms(rows[5], 0, rows[6], 0, xs, yf, bounds, border, w_in, h_in, scratch)
+                if not need_fields:
+                    continue
+                _row_gradient_terms(rows[5], 0, rows[6], 0, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch,
+                                    False)
+            else:  # the fields' gradient alone
+                _row_gradient_terms(rows[5], 0, rows[6], 0, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch,
+                                    True)
             _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, g,
                            gb, np.uint64(sg[1]), np.uint64(sg[3]), c_, sums, vals, w)
             for x in range(w):
@@ -689,7 +676,8 @@ if numba is not None:
                 _scatter_row(rowg, np.uint64(0), np.uint64(w), np.uint64(1), off, wts,
                              gsrc, np.uint64(b * ss[0]), np.uint64(ss[1]), c0, c1, w)
             if need_disp:
-                _row_gradient_terms(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, scratch)
+                _row_gradient_terms(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch,
+                                    False)
                 _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, rowg,
                                np.uint64(0), np.uint64(w), np.uint64(1), c_, sums, vals, w)
                 _disp_grad_row(gdisp, b * 2 * hw + y * w, hw, sums, flags, w)
