@@ -597,15 +597,11 @@ if numba is not None:
             _merged_bwd_rows(src, ss, fa, fb, la, lb, g, sg, grads, gsrc, sizes, border, need_src, need_fields,
                              b, c0, c1, y0, y1, xs, bounds, scratch, sums, vals, rows)
 
-    @_jit
-    def _merged_fwd(src, ss, fa, fb, la, lb, out, so, sizes, border, r0, r1):
-        """Rows r0 … r1 − 1 of T(src, merged δ); positions in float64, channel arithmetic in src's dtype."""
+    @_jit(_nrt=False)
+    def _merged_fwd_rows(src, ss, fa, fb, la, lb, out, so, sizes, border, r0, r1, xs, bounds, scratch, rows):
+        """The rows of _merged_fwd, the caller allocating the scratch (no reference counting: see _warp_bwd_rows)."""
         b_, c_, h, w, h_in, w_in = sizes
         hw = h * w
-        rows = np.empty((7, w), np.float64)
-        xs = _coords(w, rows)
-        bounds = _clamp_bounds(rows, w_in, h_in, border)
-        scratch = _scratch(w, src)
         off, wts, _, flags = scratch
         for q in range(r0, r1):
             b = q // h
@@ -616,15 +612,20 @@ if numba is not None:
             _nan_where_not_finite(out, b * so[0] + y * so[2], so[1], so[3], c_, flags[2])
 
     @_jit
-    def _l1_fwd(src, ss, disp, tgt, st, part, sizes, border, r0, r1):
-        """part[q] = Σ over x, c of |T(src, δ) − target| on row q (over B·H), summed in float64."""
+    def _merged_fwd(src, ss, fa, fb, la, lb, out, so, sizes, border, r0, r1):
+        """Rows r0 … r1 − 1 of T(src, merged δ); positions in float64, channel arithmetic in src's dtype."""
+        b_, c_, h, w, h_in, w_in = sizes
+        rows = np.empty((7, w), np.float64)
+        _merged_fwd_rows(src, ss, fa, fb, la, lb, out, so, sizes, border, r0, r1, _coords(w, rows),
+                         _clamp_bounds(rows, w_in, h_in, border), _scratch(w, src), rows)
+
+    @_jit(_nrt=False)
+    def _l1_fwd_rows(src, ss, disp, tgt, st, part, sizes, border, r0, r1, xs, bounds, scratch, acc):
+        """The rows of _l1_fwd, the caller allocating the scratch and acc, a float64 row (no reference
+        counting: see _warp_bwd_rows)."""
         b_, c_, h, w, h_in, w_in = sizes
         hw = h * w
-        xs = _coords(w, disp)
-        bounds = _clamp_bounds(disp, w_in, h_in, border)
-        scratch = _scratch(w, src)
         off, wts, _, flags = scratch
-        acc = np.empty(w, np.float64)
         for q in range(r0, r1):
             b = q // h
             y = q - b * h
@@ -642,6 +643,13 @@ if numba is not None:
             for x in range(w):
                 total += acc[x] if flags[2][x] else np.nan
             part[q] = total
+
+    @_jit
+    def _l1_fwd(src, ss, disp, tgt, st, part, sizes, border, r0, r1):
+        """part[q] = Σ over x, c of |T(src, δ) − target| on row q (over B·H), summed in float64."""
+        b_, c_, h, w, h_in, w_in = sizes
+        _l1_fwd_rows(src, ss, disp, tgt, st, part, sizes, border, r0, r1, _coords(w, disp),
+                     _clamp_bounds(disp, w_in, h_in, border), _scratch(w, src), np.empty(w, np.float64))
 
     @_jit(_nrt=False)
     def _l1_bwd_rows(src, ss, disp, tgt, st, g_b, gdisp, gtgt, gsrc, sizes, border,
