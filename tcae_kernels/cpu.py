@@ -101,10 +101,17 @@ def _jit(fn=None, **options):
 #   LLVM (too many runtime alias checks), hence several small loops.
 # - Offsets are uint64: numba adds a negative-index wraparound to signed
 #   indices, which turns contiguous loads into slow gathers.
-# - The backward row loops are functions of their own compiled with
-#   _nrt=False, their arrays allocated by the caller: numba's reference-count
-#   pruning gives up on large functions and leaves an atomic incref/decref of
-#   every array an inlined helper receives, in every row.
+# - The row loops (forward and backward) are functions of their own compiled
+#   with _nrt=False, their arrays allocated by the caller: numba's
+#   reference-count pruning gives up on large functions and leaves an atomic
+#   incref/decref of every array an inlined helper receives, in every row or
+#   even every pixel (it had doubled the forward's time).
+# - LLVM cannot vectorize a loop that loads src at gathered offsets and stores
+#   elsewhere: it cannot bound the offsets, so it cannot rule out aliasing. ∂L/∂δ
+#   therefore copies each channel's neighbours into contiguous rows with a
+#   scalar loop and does its arithmetic in a separate, vectorized loop
+#   (_position_sums). Gathering two or three channels per copy loop, or
+#   blocks of several rows, measured slower or no faster.
 # A row scratch (see _scratch) holds for each pixel x of the row: off[n][x],
 # the offset in src of neighbour n (00, 01, 10, 11: (y0, x0), (y0, x1), ...),
 # clamped into src; wts[n][x], its bilinear weight (0 outside src and at a
@@ -312,10 +319,9 @@ if numba is not None:
 
         ∂out/∂x̂ = Σ_n axw[n, x]·v_n, ∂out/∂ŷ = Σ_n axw[4 + n, x]·v_n over the
         neighbours' values v_n; channels in order. Per channel, a scalar loop
-        copies the four neighbours and g into vals [5, W], then a loop over
-        contiguous rows does the arithmetic, which LLVM vectorizes. In one loop
-        it stays scalar: LLVM cannot bound the gathered indices, so it cannot
-        prove that the stores to sums miss src.
+        copies the four neighbours (and g, if strided) into vals [5, W], then a
+        loop over contiguous rows does the arithmetic, which LLVM vectorizes
+        (see the note above).
         """
         sums[:] = 0
         for c in range(c_):
