@@ -355,19 +355,36 @@ if numba is not None:
             gdisp[uy + np.uint64(x)] = (-sums[1, x] if flags[1][x] else zero) if flags[2][x] else np.nan
 
     @_jit(inline="always")
-    def _row_field(disp, ox, oy, w, flow, neg):
-        """Where one row's δ is read: (dsx, ox, dsy, oy) of disp, or for a flow (x + f = x − (−f),
-        exact) the row negated into the scratch neg [2, W], which stays in cache."""
-        if flow:
+    def _row_field(disp, sd, b, y, w, flow, neg):
+        """Where row y of batch element b of δ is read: (dsx, ox, dsy, oy), δ of pixel x being
+        (dsx[ox + x], dsy[oy + x]). disp is [B, 2, H, W] with strides sd, either with contiguous
+        rows (sd[3] = 1), read in place, or channels_last ((δx, δy) pairs: sd[1] = 1, sd[3] = 2),
+        whose row is split into the scratch neg [2, W], which stays in cache; a flow's row is
+        negated there (x + f = x − (−f), exact).
+        """
+        ox = b * sd[0] + y * sd[2]
+        if sd[3] == 1 and not flow:
+            return disp, ox, disp, ox + sd[1]
+        u = np.uint64(ox)
+        if sd[3] == 1:
+            uy = np.uint64(ox + sd[1])
             for x in range(w):
-                neg[0, x] = -disp[ox + x]
-                neg[1, x] = -disp[oy + x]
-            return neg[0], 0, neg[1], 0
-        return disp, ox, disp, oy
+                neg[0, x] = -disp[u + np.uint64(x)]
+                neg[1, x] = -disp[uy + np.uint64(x)]
+        # Each pair read from one base with constant offsets: LLVM vectorizes the split.
+        elif flow:
+            for x in range(w):
+                neg[0, x] = -disp[u + np.uint64(2 * x)]
+                neg[1, x] = -disp[u + np.uint64(2 * x + 1)]
+        else:
+            for x in range(w):
+                neg[0, x] = disp[u + np.uint64(2 * x)]
+                neg[1, x] = disp[u + np.uint64(2 * x + 1)]
+        return neg[0], 0, neg[1], 0
 
     @_jit(_nrt=False)
-    def _warp_fwd_rows(src, ss, disp, out, so, mask, sizes, border, flow, want_mask, r0, r1, xs, bounds, scratch,
-                       neg):
+    def _warp_fwd_rows(src, ss, disp, sd, out, so, mask, sizes, border, flow, want_mask, r0, r1, xs, bounds,
+                       scratch, neg):
         """The rows of _warp_fwd, the caller allocating the scratch (no reference counting: see _warp_bwd_rows)."""
         b_, c_, h, w, h_in, w_in = sizes
         hw = h * w
@@ -375,7 +392,7 @@ if numba is not None:
         for q in range(r0, r1):
             b = q // h
             y = q - b * h
-            dsx, ox, dsy, oy = _row_field(disp, b * 2 * hw + y * w, b * 2 * hw + hw + y * w, w, flow, neg)
+            dsx, ox, dsy, oy = _row_field(disp, sd, b, y, w, flow, neg)
             _row_positions(dsx, ox, dsy, oy, xs, disp.dtype.type(y), bounds, border, w_in, h_in, ss[2], ss[3], scratch)
             _interpolate_channels(src, ss, off, wts, out, so, b, y, c_, w)
             _nan_where_not_finite(out, b * so[0] + y * so[2], so[1], so[3], c_, flags[2])
@@ -385,12 +402,12 @@ if numba is not None:
                     mask[b * hw + y * w + x] = m if flags[2][x] else np.nan
 
     @_jit
-    def _warp_fwd(src, ss, disp, out, so, mask, sizes, border, flow, want_mask, r0, r1):
+    def _warp_fwd(src, ss, disp, sd, out, so, mask, sizes, border, flow, want_mask, r0, r1):
         """Rows r0 … r1 − 1 (over B·H) of T(src, δ), or of the warp at x + disp when ``flow``;
-        disp contiguous [B, 2, H, W]. With want_mask, mask [B, H·W] (contiguous) gets each
+        disp [B, 2, H, W] with strides sd. With want_mask, mask [B, H·W] (contiguous) gets each
         pixel's weight inside src (NaN at a non-finite δ)."""
         b_, c_, h, w, h_in, w_in = sizes
-        _warp_fwd_rows(src, ss, disp, out, so, mask, sizes, border, flow, want_mask, r0, r1,
+        _warp_fwd_rows(src, ss, disp, sd, out, so, mask, sizes, border, flow, want_mask, r0, r1,
                        _coords(w, disp), _clamp_bounds(disp, w_in, h_in, border), _scratch(w, src),
                        np.empty((2, w), disp.dtype))
 
@@ -474,7 +491,7 @@ if numba is not None:
                     gsrc[row + np.uint64(xx) * step] = zero
 
     @_jit(_nrt=False)
-    def _warp_bwd_rows(src, ss, disp, g, sg, gmask, flow, want_mask, gdisp, gsrc, sizes, border, need_src,
+    def _warp_bwd_rows(src, ss, disp, sd, g, sg, gmask, flow, want_mask, gdisp, gsrc, sizes, border, need_src,
                        need_disp, b, c0, c1, y0, y1, xs, bounds, scratch, sums, vals, neg):
         """Rows y0 … y1 − 1 of batch element b for _warp_bwd; the caller allocates the scratch.
 
@@ -489,7 +506,7 @@ if numba is not None:
         off, wts, axw, flags = scratch
         for y in range(y0, y1):
             yf = disp.dtype.type(y)
-            dsx, ox, dsy, oy = _row_field(disp, b * 2 * hw + y * w, b * 2 * hw + hw + y * w, w, flow, neg)
+            dsx, ox, dsy, oy = _row_field(disp, sd, b, y, w, flow, neg)
             gb = np.uint64(b * sg[0] + y * sg[2])
             if need_src:
                 _row_positions(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
@@ -517,7 +534,7 @@ if numba is not None:
                 _disp_grad_row(gdisp, b * 2 * hw + y * w, hw, sums, flags, w)
 
     @_jit
-    def _warp_bwd(src, ss, disp, g, sg, gmask, flow, want_mask, gdisp, gsrc, sizes, border, need_src, need_disp,
+    def _warp_bwd(src, ss, disp, sd, g, sg, gmask, flow, want_mask, gdisp, gsrc, sizes, border, need_src, need_disp,
                   groups, u0, u1):
         """Backward tasks u0 … u1 − 1 (see _unit): ∂L/∂src of the task's planes into gsrc (src's
         strides; zeroed first) and/or ∂L/∂δ of its rows into gdisp (contiguous [B, 2, H, W]).
@@ -525,7 +542,8 @@ if numba is not None:
         (gmask, contiguous [B, H·W]) adds its position gradient.
 
         Both at once only with one task per batch element (groups = 1): ∂L/∂δ needs every channel.
-        Each plane sums its terms row by row, pixel by pixel, however the work is split.
+        Each plane sums its terms row by row, pixel by pixel, however the work is split. disp is
+        [B, 2, H, W] with strides sd.
         """
         b_, c_, h, w, h_in, w_in = sizes
         xs = _coords(w, disp)
@@ -538,7 +556,7 @@ if numba is not None:
             b, c0, c1, y0, y1 = _unit(u, groups, need_src, c_, h)
             if need_src:
                 _zero_planes(gsrc, ss, b, c0, c1, h_in, w_in)
-            _warp_bwd_rows(src, ss, disp, g, sg, gmask, flow, want_mask, gdisp, gsrc, sizes, border, need_src,
+            _warp_bwd_rows(src, ss, disp, sd, g, sg, gmask, flow, want_mask, gdisp, gsrc, sizes, border, need_src,
                            need_disp, b, c0, c1, y0, y1, xs, bounds, scratch, sums, vals, neg)
 
     @_jit(_nrt=False)
@@ -924,6 +942,16 @@ def _field(t: torch.Tensor, acc: torch.dtype) -> np.ndarray:
     return _flat(_to(t, acc).contiguous())[0]
 
 
+def _displacement(disp: torch.Tensor, acc: torch.dtype) -> tuple[np.ndarray, tuple[int, ...]]:
+    """δ [B, 2, H, W] for the warp's kernels, flat, and its strides: as it comes when its rows
+    are contiguous or it is channels_last (see _row_field), else a contiguous copy."""
+    d = _to(disp, acc)
+    s = d.stride()
+    if s[3] != 1 and not (s[1] == 1 and s[3] == 2):
+        d = d.clone(memory_format=torch.contiguous_format)
+    return _flat(d)
+
+
 def _none(acc: torch.dtype) -> np.ndarray:
     """An empty array standing for a gradient that is not asked for."""
     return np.empty(0, np.float64 if acc == torch.float64 else np.float32)
@@ -975,7 +1003,7 @@ def warp_variant_forward(
     if b * h * w and (c or with_mask):
         s, ss, h_in, w_in = _source(src, acc)
         sizes = (b, c, h, w, h_in, w_in)
-        args = (s, ss, _field(disp, acc), *_flat(out), _flat(mask)[0] if with_mask else _none(acc), sizes,
+        args = (s, ss, *_displacement(disp, acc), *_flat(out), _flat(mask)[0] if with_mask else _none(acc), sizes,
                 padding == "border", flow, with_mask)
         _run(_warp_fwd, args, b * h, max(out.numel(), b * h * w))
         if with_mask and src.shape[2] * src.shape[3] == 0:
@@ -1018,7 +1046,7 @@ def warp_variant_backward(
         # An empty src's mask is 0 wherever δ is: no gradient (the kernel's stand-in pixel would give one).
         want_mask = grad_mask is not None and src.shape[2] * src.shape[3] > 0
         gmask = _field(grad_mask, acc) if want_mask else _none(acc)
-        head = (s, ss, _field(disp, acc), *_flat(_to(grad_out, acc)), gmask, flow, want_mask,
+        head = (s, ss, *_displacement(disp, acc), *_flat(_to(grad_out, acc)), gmask, flow, want_mask,
                 _flat(grad_disp)[0] if need_disp else _none(acc))
         gs = _flat(grad_src)[0] if scatter else _none(acc)
         _backward(_warp_bwd, head, gs, (b, c, h, w, h_in, w_in), padding, scatter, (need_disp,))
