@@ -317,7 +317,7 @@ if numba is not None:
     def _position_sums(src, sb, s_c, off, axw, g, gb, g_c, g_w, c_, sums, vals, w):
         """sums[0, x] = Σ_c g·∂out/∂x̂ and sums[1, x] = Σ_c g·∂out/∂ŷ over one row (SPEC section 2).
 
-        ∂out/∂x̂ = Σ_n axw[n, x]·v_n, ∂out/∂ŷ = Σ_n axw[4 + n, x]·v_n over the
+        ∂out/∂x̂ = Σ_n axw[n][x]·v_n, ∂out/∂ŷ = Σ_n axw[4 + n][x]·v_n over the
         neighbours' values v_n; channels in order. Per channel, a scalar loop
         copies the four neighbours (and g, if strided) into vals [5, W], then a
         loop over contiguous rows does the arithmetic, which LLVM vectorizes
@@ -371,8 +371,8 @@ if numba is not None:
             for x in range(w):
                 neg[0, x] = -disp[u + np.uint64(x)]
                 neg[1, x] = -disp[uy + np.uint64(x)]
-        # Each pair read from one base with constant offsets: LLVM vectorizes the split.
         elif flow:
+            # Each pair read from one base at constant offsets: LLVM vectorizes the split.
             for x in range(w):
                 neg[0, x] = -disp[u + np.uint64(2 * x)]
                 neg[1, x] = -disp[u + np.uint64(2 * x + 1)]
