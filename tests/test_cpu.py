@@ -237,7 +237,7 @@ def test_strided_inputs(layout):
         cpu.warp_forward(s, d, "border"), *cpu.warp_backward(g, s, d, "border", True, True),
         cpu.merged_warp_forward(s, d, disp, logit, -logit, "zeros"),
         cpu.warp_l1_forward(s, d, t, "zeros"), *cpu.warp_l1_backward(torch.ones(2), s, d, t, "zeros", True, True, True),
-        # ∂L/∂δ alone, and the flow variant with its mask: they read δ's rows through its own loops.
+        # ∂L/∂δ alone and the flow variant with its mask read δ's rows in loops of their own.
         cpu.warp_backward(g, s, d, "border", False, True)[1],
         *cpu.warp_variant_forward(s, d, "zeros", True, True),
         cpu.warp_variant_backward(g, logit, s, d, "zeros", False, True, True)[1],
