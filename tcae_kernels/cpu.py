@@ -406,7 +406,7 @@ if numba is not None:
         """Rows r0 … r1 − 1 (over B·H) of T(src, δ), or of the warp at x + disp when ``flow``;
         disp [B, 2, H, W] with strides sd. With want_mask, mask [B, H·W] (contiguous) gets each
         pixel's weight inside src (NaN at a non-finite δ)."""
-        b_, c_, h, w, h_in, w_in = sizes
+        w, h_in, w_in = sizes[3:]
         _warp_fwd_rows(src, ss, disp, sd, out, so, mask, sizes, border, flow, want_mask, r0, r1,
                        _coords(w, disp), _clamp_bounds(disp, w_in, h_in, border), _scratch(w, src),
                        np.empty((2, w), disp.dtype))
@@ -638,7 +638,7 @@ if numba is not None:
     @_jit
     def _merged_fwd(src, ss, fa, fb, la, lb, out, so, sizes, border, r0, r1):
         """Rows r0 … r1 − 1 of T(src, merged δ); positions in float64, channel arithmetic in src's dtype."""
-        b_, c_, h, w, h_in, w_in = sizes
+        w, h_in, w_in = sizes[3:]
         rows = np.empty((7, w), np.float64)
         _merged_fwd_rows(src, ss, fa, fb, la, lb, out, so, sizes, border, r0, r1, _coords(w, rows),
                          _clamp_bounds(rows, w_in, h_in, border), _scratch(w, src), rows)
@@ -671,7 +671,7 @@ if numba is not None:
     @_jit
     def _l1_fwd(src, ss, disp, tgt, st, part, sizes, border, r0, r1):
         """part[q] = Σ over x, c of |T(src, δ) − target| on row q (over B·H), summed in float64."""
-        b_, c_, h, w, h_in, w_in = sizes
+        w, h_in, w_in = sizes[3:]
         _l1_fwd_rows(src, ss, disp, tgt, st, part, sizes, border, r0, r1, _coords(w, disp),
                      _clamp_bounds(disp, w_in, h_in, border), _scratch(w, src), np.empty(w, np.float64))
 
