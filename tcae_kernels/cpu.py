@@ -101,10 +101,17 @@ def _jit(fn=None, **options):
 #   LLVM (too many runtime alias checks), hence several small loops.
 # - Offsets are uint64: numba adds a negative-index wraparound to signed
 #   indices, which turns contiguous loads into slow gathers.
-# - The backward row loops are functions of their own compiled with
-#   _nrt=False, their arrays allocated by the caller: numba's reference-count
-#   pruning gives up on large functions and leaves an atomic incref/decref of
-#   every array an inlined helper receives, in every row.
+# - The row loops (forward and backward) are functions of their own compiled
+#   with _nrt=False, their arrays allocated by the caller: numba's
+#   reference-count pruning gives up on large functions and leaves an atomic
+#   incref/decref of every array an inlined helper receives, in every row or
+#   even every pixel (it had doubled the forward's time).
+# - LLVM cannot vectorize a loop that loads src at gathered offsets and stores
+#   elsewhere: it cannot bound the offsets, so it cannot rule out aliasing. ∂L/∂δ
+#   therefore copies each channel's neighbours into contiguous rows with a
+#   scalar loop and does its arithmetic in a separate, vectorized loop
+#   (_position_sums). Gathering two or three channels per copy loop, or
+#   blocks of several rows, measured slower or no faster.
 # A row scratch (see _scratch) holds for each pixel x of the row: off[n][x],
 # the offset in src of neighbour n (00, 01, 10, 11: (y0, x0), (y0, x1), ...),
 # clamped into src; wts[n][x], its bilinear weight (0 outside src and at a
@@ -221,12 +228,10 @@ if numba is not None:
             flags[2][x] = f
 
     @_jit(inline="always")
-    def _row_offsets(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, s_h, s_w, scratch):
-        """_row_positions without the weights: off and finite, all that ∂L/∂δ alone needs of a row.
-
-        Four stores fewer per pixel: about a third of that pass's time.
-        """
-        off, _, _, flags = scratch
+    def _row_gradient_terms(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, s_h, s_w, scratch, alone):
+        """The slopes axw and the gates of one output row (arguments as _row_positions): what ∂L/∂δ
+        needs. ``alone`` (a constant): also off and finite, which _row_positions has not written."""
+        off, _, axw, flags = scratch
         lo_x, hi_x, lo_y, hi_y = bounds
         one = xs.dtype.type(1)
         zero = one - one
@@ -235,36 +240,21 @@ if numba is not None:
         uox = np.uint64(ox)
         uoy = np.uint64(oy)
         for x in range(xs.shape[0]):
-            dx = dsx[uox + np.uint64(x)]
-            dy = dsy[uoy + np.uint64(x)]
-            xf = xs[x]
-            f = (dx - dx == zero) and (dy - dy == zero)
-            x0, _, _ = _axis(xf, dx if f else xf, lo_x, hi_x, border, one)
-            y0, _, _ = _axis(yf, dy if f else yf, lo_y, hi_y, border, one)
-            _store_offsets(off, x, x0, y0, w_in, h_in, us_w, us_h)
-            flags[2][x] = f
-
-    @_jit(inline="always")
-    def _row_gradient_terms(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, scratch):
-        """The slopes axw and the gates of one output row (arguments as _row_positions): what ∂L/∂δ needs."""
-        _, _, axw, flags = scratch
-        lo_x, hi_x, lo_y, hi_y = bounds
-        one = xs.dtype.type(1)
-        zero = one - one
-        uox = np.uint64(ox)
-        uoy = np.uint64(oy)
-        for x in range(xs.shape[0]):
             # _axis's gate: with border padding, δ gets no gradient where the position is on or past the edge.
             dx = dsx[uox + np.uint64(x)]
             dy = dsy[uoy + np.uint64(x)]
             flags[0][x] = (dx < xs[x] and dx > xs[x] - hi_x) if border else True
             flags[1][x] = (dy < yf and dy > yf - hi_y) if border else True
+            if alone:
+                flags[2][x] = (dx - dx == zero) and (dy - dy == zero)
         for x in range(xs.shape[0]):
             dx = dsx[uox + np.uint64(x)]
             dy = dsy[uoy + np.uint64(x)]
             f = (dx - dx == zero) and (dy - dy == zero)
             x0, ax, _ = _axis(xs[x], dx if f else xs[x], lo_x, hi_x, border, one)
             y0, ay, _ = _axis(yf, dy if f else yf, lo_y, hi_y, border, one)
+            if alone:
+                _store_offsets(off, x, x0, y0, w_in, h_in, us_w, us_h)
             vx0 = x0 >= 0 and x0 < w_in
             vx1 = x0 >= -1 and x0 < w_in - 1
             vy0 = y0 >= 0 and y0 < h_in
@@ -324,52 +314,34 @@ if numba is not None:
                     out[ob + c * os_c + x * os_w] = np.nan
 
     @_jit(inline="always")
-    def _slopes(src, p0, p1, p2, p3, axw, x):
-        """(∂out/∂x̂, ∂out/∂ŷ) of one channel at pixel x, its neighbours at src offsets p0 … p3."""
-        v00 = src[p0]
-        v01 = src[p1]
-        v10 = src[p2]
-        v11 = src[p3]
-        return ((axw[0][x] * v00 + axw[1][x] * v01) + (axw[2][x] * v10 + axw[3][x] * v11),
-                (axw[4][x] * v00 + axw[5][x] * v01) + (axw[6][x] * v10 + axw[7][x] * v11))
-
-    @_jit(inline="always")
-    def _position_sums(src, sb, s_c, off, axw, g, gb, g_c, g_w, c_, sums, w):
+    def _position_sums(src, sb, s_c, off, axw, g, gb, g_c, g_w, c_, sums, vals, w):
         """sums[0, x] = Σ_c g·∂out/∂x̂ and sums[1, x] = Σ_c g·∂out/∂ŷ over one row (SPEC section 2).
 
         ∂out/∂x̂ = Σ_n axw[n][x]·v_n, ∂out/∂ŷ = Σ_n axw[4 + n][x]·v_n over the
-        neighbours' values v_n. Channels in order: three per pass over the row, then one.
+        neighbours' values v_n; channels in order. Per channel, a scalar loop
+        copies the four neighbours (and g, if strided) into vals [5, W], then a
+        loop over contiguous rows does the arithmetic, which LLVM vectorizes
+        (see the note above).
         """
-        sx = sums[0]
-        sy = sums[1]
-        sx[:] = 0
-        sy[:] = 0
-        for c in range(0, c_ - 2, 3):
-            c0 = sb + np.uint64(c) * s_c
-            c1 = c0 + s_c
-            c2 = c1 + s_c
-            g0 = gb + np.uint64(c) * g_c
-            g1 = g0 + g_c
-            g2 = g1 + g_c
-            for x in range(w):
-                o0, o1, o2, o3 = off[0][x], off[1][x], off[2][x], off[3][x]
-                ux = np.uint64(x) * g_w
-                a0, b0 = _slopes(src, c0 + o0, c0 + o1, c0 + o2, c0 + o3, axw, x)
-                a1, b1 = _slopes(src, c1 + o0, c1 + o1, c1 + o2, c1 + o3, axw, x)
-                a2, b2 = _slopes(src, c2 + o0, c2 + o1, c2 + o2, c2 + o3, axw, x)
-                gv0 = g[g0 + ux]
-                gv1 = g[g1 + ux]
-                gv2 = g[g2 + ux]
-                sx[x] = ((sx[x] + gv0 * a0) + gv1 * a1) + gv2 * a2
-                sy[x] = ((sy[x] + gv0 * b0) + gv1 * b1) + gv2 * b2
-        for c in range(c_ - c_ % 3, c_):
+        sums[:] = 0
+        for c in range(c_):
             cb = sb + np.uint64(c) * s_c
             gp = gb + np.uint64(c) * g_c
             for x in range(w):
-                a, b = _slopes(src, cb + off[0][x], cb + off[1][x], cb + off[2][x], cb + off[3][x], axw, x)
-                gv = g[gp + np.uint64(x) * g_w]
-                sx[x] += gv * a
-                sy[x] += gv * b
+                vals[0, x] = src[cb + off[0][x]]
+                vals[1, x] = src[cb + off[1][x]]
+                vals[2, x] = src[cb + off[2][x]]
+                vals[3, x] = src[cb + off[3][x]]
+            # g's row as it is when contiguous, else copied into vals[4].
+            gr, go = g, gp
+            if g_w != 1:
+                gr, go = vals[4], np.uint64(0)
+                for x in range(w):
+                    gr[x] = g[gp + np.uint64(x) * g_w]
+            for x in range(w):
+                v00, v01, v10, v11, gv = vals[0, x], vals[1, x], vals[2, x], vals[3, x], gr[go + np.uint64(x)]
+                sums[0, x] += gv * ((axw[0][x] * v00 + axw[1][x] * v01) + (axw[2][x] * v10 + axw[3][x] * v11))
+                sums[1, x] += gv * ((axw[4][x] * v00 + axw[5][x] * v01) + (axw[6][x] * v10 + axw[7][x] * v11))
 
     @_jit(inline="always")
     def _disp_grad_row(gdisp, gd, hw, sums, flags, w):
@@ -383,32 +355,44 @@ if numba is not None:
             gdisp[uy + np.uint64(x)] = (-sums[1, x] if flags[1][x] else zero) if flags[2][x] else np.nan
 
     @_jit(inline="always")
-    def _row_field(disp, ox, oy, w, flow, neg):
-        """Where one row's δ is read: (dsx, ox, dsy, oy) of disp, or for a flow (x + f = x − (−f),
-        exact) the row negated into the scratch neg [2, W], which stays in cache."""
-        if flow:
+    def _row_field(disp, sd, b, y, w, flow, neg):
+        """Where row y of batch element b of δ is read: (dsx, ox, dsy, oy), δ of pixel x being
+        (dsx[ox + x], dsy[oy + x]). disp is [B, 2, H, W] with strides sd, either with contiguous
+        rows (sd[3] = 1), read in place, or channels_last ((δx, δy) pairs: sd[1] = 1, sd[3] = 2),
+        whose row is split into the scratch neg [2, W], which stays in cache; a flow's row is
+        negated there (x + f = x − (−f), exact).
+        """
+        ox = b * sd[0] + y * sd[2]
+        if sd[3] == 1 and not flow:
+            return disp, ox, disp, ox + sd[1]
+        u = np.uint64(ox)
+        if sd[3] == 1:
+            uy = np.uint64(ox + sd[1])
             for x in range(w):
-                neg[0, x] = -disp[ox + x]
-                neg[1, x] = -disp[oy + x]
-            return neg[0], 0, neg[1], 0
-        return disp, ox, disp, oy
+                neg[0, x] = -disp[u + np.uint64(x)]
+                neg[1, x] = -disp[uy + np.uint64(x)]
+        elif flow:
+            # Each pair read from one base at constant offsets: LLVM vectorizes the split.
+            for x in range(w):
+                neg[0, x] = -disp[u + np.uint64(2 * x)]
+                neg[1, x] = -disp[u + np.uint64(2 * x + 1)]
+        else:
+            for x in range(w):
+                neg[0, x] = disp[u + np.uint64(2 * x)]
+                neg[1, x] = disp[u + np.uint64(2 * x + 1)]
+        return neg[0], 0, neg[1], 0
 
-    @_jit
-    def _warp_fwd(src, ss, disp, out, so, mask, sizes, border, flow, want_mask, r0, r1):
-        """Rows r0 … r1 − 1 (over B·H) of T(src, δ), or of the warp at x + disp when ``flow``;
-        disp contiguous [B, 2, H, W]. With want_mask, mask [B, H·W] (contiguous) gets each
-        pixel's weight inside src (NaN at a non-finite δ)."""
+    @_jit(_nrt=False)
+    def _warp_fwd_rows(src, ss, disp, sd, out, so, mask, sizes, border, flow, want_mask, r0, r1, xs, bounds,
+                       scratch, neg):
+        """The rows of _warp_fwd, the caller allocating the scratch (no reference counting: see _warp_bwd_rows)."""
         b_, c_, h, w, h_in, w_in = sizes
         hw = h * w
-        xs = _coords(w, disp)
-        bounds = _clamp_bounds(disp, w_in, h_in, border)
-        scratch = _scratch(w, src)
         off, wts, _, flags = scratch
-        neg = np.empty((2, w), disp.dtype)
         for q in range(r0, r1):
             b = q // h
             y = q - b * h
-            dsx, ox, dsy, oy = _row_field(disp, b * 2 * hw + y * w, b * 2 * hw + hw + y * w, w, flow, neg)
+            dsx, ox, dsy, oy = _row_field(disp, sd, b, y, w, flow, neg)
             _row_positions(dsx, ox, dsy, oy, xs, disp.dtype.type(y), bounds, border, w_in, h_in, ss[2], ss[3], scratch)
             _interpolate_channels(src, ss, off, wts, out, so, b, y, c_, w)
             _nan_where_not_finite(out, b * so[0] + y * so[2], so[1], so[3], c_, flags[2])
@@ -416,6 +400,16 @@ if numba is not None:
                 for x in range(w):
                     m = (wts[0][x] + wts[1][x]) + (wts[2][x] + wts[3][x])
                     mask[b * hw + y * w + x] = m if flags[2][x] else np.nan
+
+    @_jit
+    def _warp_fwd(src, ss, disp, sd, out, so, mask, sizes, border, flow, want_mask, r0, r1):
+        """Rows r0 … r1 − 1 (over B·H) of T(src, δ), or of the warp at x + disp when ``flow``;
+        disp [B, 2, H, W] with strides sd. With want_mask, mask [B, H·W] (contiguous) gets each
+        pixel's weight inside src (NaN at a non-finite δ)."""
+        w, h_in, w_in = sizes[3:]
+        _warp_fwd_rows(src, ss, disp, sd, out, so, mask, sizes, border, flow, want_mask, r0, r1,
+                       _coords(w, disp), _clamp_bounds(disp, w_in, h_in, border), _scratch(w, src),
+                       np.empty((2, w), disp.dtype))
 
     @_jit
     def _merge_row(fa, fb, la, lb, b, y, w, hw, rows):
@@ -497,8 +491,8 @@ if numba is not None:
                     gsrc[row + np.uint64(xx) * step] = zero
 
     @_jit(_nrt=False)
-    def _warp_bwd_rows(src, ss, disp, g, sg, gmask, flow, want_mask, gdisp, gsrc, sizes, border, need_src,
-                       need_disp, b, c0, c1, y0, y1, xs, bounds, scratch, sums, neg):
+    def _warp_bwd_rows(src, ss, disp, sd, g, sg, gmask, flow, want_mask, gdisp, gsrc, sizes, border, need_src,
+                       need_disp, b, c0, c1, y0, y1, xs, bounds, scratch, sums, vals, neg):
         """Rows y0 … y1 − 1 of batch element b for _warp_bwd; the caller allocates the scratch.
 
         Compiled without numba's reference counting (_nrt=False), the arrays
@@ -512,18 +506,20 @@ if numba is not None:
         off, wts, axw, flags = scratch
         for y in range(y0, y1):
             yf = disp.dtype.type(y)
-            dsx, ox, dsy, oy = _row_field(disp, b * 2 * hw + y * w, b * 2 * hw + hw + y * w, w, flow, neg)
+            dsx, ox, dsy, oy = _row_field(disp, sd, b, y, w, flow, neg)
             gb = np.uint64(b * sg[0] + y * sg[2])
             if need_src:
                 _row_positions(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
                 _scatter_row(g, gb, np.uint64(sg[1]), np.uint64(sg[3]), off, wts,
                              gsrc, np.uint64(b * ss[0]), np.uint64(ss[1]), c0, c1, w)
-            else:
-                _row_offsets(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
+                if need_disp:
+                    _row_gradient_terms(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch,
+                                        False)
+            else:  # ∂L/∂δ alone
+                _row_gradient_terms(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch, True)
             if need_disp:
-                _row_gradient_terms(dsx, ox, dsy, oy, xs, yf, bounds, border, w_in, h_in, scratch)
                 _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, g,
-                               gb, np.uint64(sg[1]), np.uint64(sg[3]), c_, sums, w)
+                               gb, np.uint64(sg[1]), np.uint64(sg[3]), c_, sums, vals, w)
                 if want_mask:
                     # The mask is Σ_n wts[n]: its slopes are those of the weights.
                     for x in range(w):
@@ -538,7 +534,7 @@ if numba is not None:
                 _disp_grad_row(gdisp, b * 2 * hw + y * w, hw, sums, flags, w)
 
     @_jit
-    def _warp_bwd(src, ss, disp, g, sg, gmask, flow, want_mask, gdisp, gsrc, sizes, border, need_src, need_disp,
+    def _warp_bwd(src, ss, disp, sd, g, sg, gmask, flow, want_mask, gdisp, gsrc, sizes, border, need_src, need_disp,
                   groups, u0, u1):
         """Backward tasks u0 … u1 − 1 (see _unit): ∂L/∂src of the task's planes into gsrc (src's
         strides; zeroed first) and/or ∂L/∂δ of its rows into gdisp (contiguous [B, 2, H, W]).
@@ -546,24 +542,26 @@ if numba is not None:
         (gmask, contiguous [B, H·W]) adds its position gradient.
 
         Both at once only with one task per batch element (groups = 1): ∂L/∂δ needs every channel.
-        Each plane sums its terms row by row, pixel by pixel, however the work is split.
+        Each plane sums its terms row by row, pixel by pixel, however the work is split. disp is
+        [B, 2, H, W] with strides sd.
         """
         b_, c_, h, w, h_in, w_in = sizes
         xs = _coords(w, disp)
         bounds = _clamp_bounds(disp, w_in, h_in, border)
         scratch = _scratch(w, src)
         sums = np.empty((2, w), src.dtype)
+        vals = np.empty((5, w), src.dtype)
         neg = np.empty((2, w), disp.dtype)
         for u in range(u0, u1):
             b, c0, c1, y0, y1 = _unit(u, groups, need_src, c_, h)
             if need_src:
                 _zero_planes(gsrc, ss, b, c0, c1, h_in, w_in)
-            _warp_bwd_rows(src, ss, disp, g, sg, gmask, flow, want_mask, gdisp, gsrc, sizes, border, need_src,
-                           need_disp, b, c0, c1, y0, y1, xs, bounds, scratch, sums, neg)
+            _warp_bwd_rows(src, ss, disp, sd, g, sg, gmask, flow, want_mask, gdisp, gsrc, sizes, border, need_src,
+                           need_disp, b, c0, c1, y0, y1, xs, bounds, scratch, sums, vals, neg)
 
     @_jit(_nrt=False)
     def _merged_bwd_rows(src, ss, fa, fb, la, lb, g, sg, grads, gsrc, sizes, border, need_src, need_fields,
-                         b, c0, c1, y0, y1, xs, bounds, scratch, sums, rows):
+                         b, c0, c1, y0, y1, xs, bounds, scratch, sums, vals, rows):
         """Rows y0 … y1 − 1 of batch element b for _merged_bwd (no reference counting: see _warp_bwd_rows)."""
         b_, c_, h, w, h_in, w_in = sizes
         hw = h * w
@@ -577,13 +575,15 @@ if numba is not None:
                 _row_positions(rows[5], 0, rows[6], 0, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
                 _scatter_row(g, gb, np.uint64(sg[1]), np.uint64(sg[3]), off, wts,
                              gsrc, np.uint64(b * ss[0]), np.uint64(ss[1]), c0, c1, w)
-            else:
-                _row_offsets(rows[5], 0, rows[6], 0, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch)
-            if not need_fields:
-                continue
-            _row_gradient_terms(rows[5], 0, rows[6], 0, xs, yf, bounds, border, w_in, h_in, scratch)
+                if not need_fields:
+                    continue
+                _row_gradient_terms(rows[5], 0, rows[6], 0, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch,
+                                    False)
+            else:  # the fields' gradient alone
+                _row_gradient_terms(rows[5], 0, rows[6], 0, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch,
+                                    True)
             _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, g,
-                           gb, np.uint64(sg[1]), np.uint64(sg[3]), c_, sums, w)
+                           gb, np.uint64(sg[1]), np.uint64(sg[3]), c_, sums, vals, w)
             for x in range(w):
                 od = b * 2 * hw + y * w + x
                 ol = b * hw + y * w + x
@@ -613,22 +613,19 @@ if numba is not None:
         bounds = _clamp_bounds(rows, w_in, h_in, border)
         scratch = _scratch(w, src)
         sums = np.empty((2, w), src.dtype)
+        vals = np.empty((5, w), src.dtype)
         for u in range(u0, u1):
             b, c0, c1, y0, y1 = _unit(u, groups, need_src, c_, h)
             if need_src:
                 _zero_planes(gsrc, ss, b, c0, c1, h_in, w_in)
             _merged_bwd_rows(src, ss, fa, fb, la, lb, g, sg, grads, gsrc, sizes, border, need_src, need_fields,
-                             b, c0, c1, y0, y1, xs, bounds, scratch, sums, rows)
+                             b, c0, c1, y0, y1, xs, bounds, scratch, sums, vals, rows)
 
-    @_jit
-    def _merged_fwd(src, ss, fa, fb, la, lb, out, so, sizes, border, r0, r1):
-        """Rows r0 … r1 − 1 of T(src, merged δ); positions in float64, channel arithmetic in src's dtype."""
+    @_jit(_nrt=False)
+    def _merged_fwd_rows(src, ss, fa, fb, la, lb, out, so, sizes, border, r0, r1, xs, bounds, scratch, rows):
+        """The rows of _merged_fwd, the caller allocating the scratch (no reference counting: see _warp_bwd_rows)."""
         b_, c_, h, w, h_in, w_in = sizes
         hw = h * w
-        rows = np.empty((7, w), np.float64)
-        xs = _coords(w, rows)
-        bounds = _clamp_bounds(rows, w_in, h_in, border)
-        scratch = _scratch(w, src)
         off, wts, _, flags = scratch
         for q in range(r0, r1):
             b = q // h
@@ -639,15 +636,20 @@ if numba is not None:
             _nan_where_not_finite(out, b * so[0] + y * so[2], so[1], so[3], c_, flags[2])
 
     @_jit
-    def _l1_fwd(src, ss, disp, tgt, st, part, sizes, border, r0, r1):
-        """part[q] = Σ over x, c of |T(src, δ) − target| on row q (over B·H), summed in float64."""
+    def _merged_fwd(src, ss, fa, fb, la, lb, out, so, sizes, border, r0, r1):
+        """Rows r0 … r1 − 1 of T(src, merged δ); positions in float64, channel arithmetic in src's dtype."""
+        w, h_in, w_in = sizes[3:]
+        rows = np.empty((7, w), np.float64)
+        _merged_fwd_rows(src, ss, fa, fb, la, lb, out, so, sizes, border, r0, r1, _coords(w, rows),
+                         _clamp_bounds(rows, w_in, h_in, border), _scratch(w, src), rows)
+
+    @_jit(_nrt=False)
+    def _l1_fwd_rows(src, ss, disp, tgt, st, part, sizes, border, r0, r1, xs, bounds, scratch, acc):
+        """The rows of _l1_fwd, the caller allocating the scratch and acc, a float64 row (no reference
+        counting: see _warp_bwd_rows)."""
         b_, c_, h, w, h_in, w_in = sizes
         hw = h * w
-        xs = _coords(w, disp)
-        bounds = _clamp_bounds(disp, w_in, h_in, border)
-        scratch = _scratch(w, src)
         off, wts, _, flags = scratch
-        acc = np.empty(w, np.float64)
         for q in range(r0, r1):
             b = q // h
             y = q - b * h
@@ -666,9 +668,16 @@ if numba is not None:
                 total += acc[x] if flags[2][x] else np.nan
             part[q] = total
 
+    @_jit
+    def _l1_fwd(src, ss, disp, tgt, st, part, sizes, border, r0, r1):
+        """part[q] = Σ over x, c of |T(src, δ) − target| on row q (over B·H), summed in float64."""
+        w, h_in, w_in = sizes[3:]
+        _l1_fwd_rows(src, ss, disp, tgt, st, part, sizes, border, r0, r1, _coords(w, disp),
+                     _clamp_bounds(disp, w_in, h_in, border), _scratch(w, src), np.empty(w, np.float64))
+
     @_jit(_nrt=False)
     def _l1_bwd_rows(src, ss, disp, tgt, st, g_b, gdisp, gtgt, gsrc, sizes, border,
-                     need_src, need_disp, need_target, b, c0, c1, y0, y1, xs, bounds, scratch, sums, rowg):
+                     need_src, need_disp, need_target, b, c0, c1, y0, y1, xs, bounds, scratch, sums, vals, rowg):
         """Rows y0 … y1 − 1 of batch element b for _l1_bwd, g_b = ∂L/∂loss[b]/(C·H·W) (no reference
         counting: see _warp_bwd_rows); rowg holds ∂loss/∂out of one row, [C, W]."""
         b_, c_, h, w, h_in, w_in = sizes
@@ -699,9 +708,10 @@ if numba is not None:
                 _scatter_row(rowg, np.uint64(0), np.uint64(w), np.uint64(1), off, wts,
                              gsrc, np.uint64(b * ss[0]), np.uint64(ss[1]), c0, c1, w)
             if need_disp:
-                _row_gradient_terms(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, scratch)
+                _row_gradient_terms(disp, ox, disp, oy, xs, yf, bounds, border, w_in, h_in, ss[2], ss[3], scratch,
+                                    False)
                 _position_sums(src, np.uint64(b * ss[0]), np.uint64(ss[1]), off, axw, rowg,
-                               np.uint64(0), np.uint64(w), np.uint64(1), c_, sums, w)
+                               np.uint64(0), np.uint64(w), np.uint64(1), c_, sums, vals, w)
                 _disp_grad_row(gdisp, b * 2 * hw + y * w, hw, sums, flags, w)
 
     @_jit
@@ -715,6 +725,7 @@ if numba is not None:
         bounds = _clamp_bounds(disp, w_in, h_in, border)
         scratch = _scratch(w, src)
         sums = np.empty((2, w), src.dtype)
+        vals = np.empty((5, w), src.dtype)
         rowg = np.empty(c_ * w, src.dtype)  # ∂loss/∂out of one row, [C, W]
         for u in range(u0, u1):
             b, c0, c1, y0, y1 = _unit(u, groups, need_src, c_, h)
@@ -722,7 +733,7 @@ if numba is not None:
                 _zero_planes(gsrc, ss, b, c0, c1, h_in, w_in)
             g_b = src.dtype.type(gloss[b]) * src.dtype.type(inv_count)
             _l1_bwd_rows(src, ss, disp, tgt, st, g_b, gdisp, gtgt, gsrc, sizes, border,
-                         need_src, need_disp, need_target, b, c0, c1, y0, y1, xs, bounds, scratch, sums, rowg)
+                         need_src, need_disp, need_target, b, c0, c1, y0, y1, xs, bounds, scratch, sums, vals, rowg)
 
 
 if numba is not None:
@@ -888,9 +899,10 @@ def _flat(t: torch.Tensor) -> tuple[np.ndarray, tuple[int, ...]]:
 
     t: on the CPU, float32 or float64. An empty t gives a one-element dummy the kernels never read.
     """
-    t = t.detach()
+    if t.requires_grad:  # numpy() refuses a tensor that requires grad; a detached view costs ~0.3 µs
+        t = t.detach()
     if t.is_contiguous():  # the common case, and the cheapest view
-        return t.numpy().reshape(-1), t.stride()
+        return t.numpy().ravel(), t.stride()
     if t.numel() == 0:
         return np.zeros(1, dtype=np.float64 if t.dtype == torch.float64 else np.float32), (0,) * t.dim()
     span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
@@ -898,8 +910,8 @@ def _flat(t: torch.Tensor) -> tuple[np.ndarray, tuple[int, ...]]:
 
 
 def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t in dtype, strides kept where they can be (a copy only for another dtype)."""
-    return t.detach() if t.dtype == dtype else t.detach().to(dtype)
+    """t in dtype, strides kept where they can be (a copy only for another dtype, detached; _flat detaches the rest)."""
+    return t if t.dtype == dtype else t.detach().to(dtype)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -931,9 +943,23 @@ def _field(t: torch.Tensor, acc: torch.dtype) -> np.ndarray:
     return _flat(_to(t, acc).contiguous())[0]
 
 
+def _displacement(disp: torch.Tensor, acc: torch.dtype) -> tuple[np.ndarray, tuple[int, ...]]:
+    """δ [B, 2, H, W] for the warp's kernels, flat, and its strides: as it comes when its rows
+    are contiguous or it is channels_last (see _row_field), else a contiguous copy."""
+    d = _to(disp, acc)
+    s = d.stride()
+    if s[3] != 1 and not (s[1] == 1 and s[3] == 2):
+        d = d.clone(memory_format=torch.contiguous_format)
+    return _flat(d)
+
+
+# Empty arrays standing for a gradient that is not asked for (never written: they have no elements).
+_NONE = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
+
+
 def _none(acc: torch.dtype) -> np.ndarray:
     """An empty array standing for a gradient that is not asked for."""
-    return np.empty(0, np.float64 if acc == torch.float64 else np.float32)
+    return _NONE[acc]
 
 
 def _parts(b: int, n: int) -> int:
@@ -977,12 +1003,12 @@ def warp_variant_forward(
     acc = _acc(src.dtype)
     b, c, _, _ = src.shape
     h, w = disp.shape[2:]
-    out = torch.empty((b, c, h, w), dtype=acc, memory_format=_memory_format(src))
-    mask = torch.empty((b, 1, h, w), dtype=acc) if with_mask else None
+    out = torch.empty(b, c, h, w, dtype=acc, memory_format=_memory_format(src))  # ints: parsed faster than a tuple
+    mask = torch.empty(b, 1, h, w, dtype=acc) if with_mask else None
     if b * h * w and (c or with_mask):
         s, ss, h_in, w_in = _source(src, acc)
         sizes = (b, c, h, w, h_in, w_in)
-        args = (s, ss, _field(disp, acc), *_flat(out), _flat(mask)[0] if with_mask else _none(acc), sizes,
+        args = (s, ss, *_displacement(disp, acc), *_flat(out), _flat(mask)[0] if with_mask else _none(acc), sizes,
                 padding == "border", flow, with_mask)
         _run(_warp_fwd, args, b * h, max(out.numel(), b * h * w))
         if with_mask and src.shape[2] * src.shape[3] == 0:
@@ -995,7 +1021,7 @@ def _grad_src(src: torch.Tensor, acc: torch.dtype, need: bool, h: int, w: int) -
     """(the ∂L/∂src buffer or None, whether a kernel fills it): zeros when nothing reaches src."""
     if not need:
         return None, False
-    grad_src = torch.empty(src.shape, dtype=acc, memory_format=_memory_format(src))
+    grad_src = torch.empty(*src.shape, dtype=acc, memory_format=_memory_format(src))
     scatter = grad_src.numel() > 0 and h * w > 0
     if not scatter:
         grad_src.zero_()
@@ -1019,13 +1045,13 @@ def warp_variant_backward(
     b, c, _, _ = src.shape
     h, w = disp.shape[2:]
     grad_src, scatter = _grad_src(src, acc, need_src, h, w)
-    grad_disp = torch.empty(disp.shape, dtype=acc) if need_disp else None
+    grad_disp = torch.empty(*disp.shape, dtype=acc) if need_disp else None
     if scatter or need_disp:
         s, ss, h_in, w_in = _source(src, acc, grad_src if scatter else None)
         # An empty src's mask is 0 wherever δ is: no gradient (the kernel's stand-in pixel would give one).
         want_mask = grad_mask is not None and src.shape[2] * src.shape[3] > 0
         gmask = _field(grad_mask, acc) if want_mask else _none(acc)
-        head = (s, ss, _field(disp, acc), *_flat(_to(grad_out, acc)), gmask, flow, want_mask,
+        head = (s, ss, *_displacement(disp, acc), *_flat(_to(grad_out, acc)), gmask, flow, want_mask,
                 _flat(grad_disp)[0] if need_disp else _none(acc))
         gs = _flat(grad_src)[0] if scatter else _none(acc)
         _backward(_warp_bwd, head, gs, (b, c, h, w, h_in, w_in), padding, scatter, (need_disp,))
@@ -1116,7 +1142,7 @@ def warp_l1_backward(
     grad_target = torch.zeros(target.shape, dtype=acc) if need_target else None
     if count and (scatter or need_disp or need_target):
         s, ss, h_in, w_in = _source(src, acc, grad_src if scatter else None)
-        head = (s, ss, _field(disp, acc), *_flat(_to(target, acc)), _to(grad_loss, acc).contiguous().numpy(),
+        head = (s, ss, _field(disp, acc), *_flat(_to(target, acc)), _field(grad_loss, acc),
                 1.0 / count, _flat(grad_disp)[0] if need_disp else _none(acc),
                 _flat(grad_target)[0] if need_target else _none(acc))
         gs = _flat(grad_src)[0] if scatter else _none(acc)

@@ -237,12 +237,19 @@ def test_strided_inputs(layout):
         cpu.warp_forward(s, d, "border"), *cpu.warp_backward(g, s, d, "border", True, True),
         cpu.merged_warp_forward(s, d, disp, logit, -logit, "zeros"),
         cpu.warp_l1_forward(s, d, t, "zeros"), *cpu.warp_l1_backward(torch.ones(2), s, d, t, "zeros", True, True, True),
+        # ∂L/∂δ alone and the flow variant with its mask read δ's rows in loops of their own.
+        cpu.warp_backward(g, s, d, "border", False, True)[1],
+        *cpu.warp_variant_forward(s, d, "zeros", True, True),
+        cpu.warp_variant_backward(g, logit, s, d, "zeros", False, True, True)[1],
     ]
     want = [
         cpu.warp_forward(src, disp, "border"), *cpu.warp_backward(grad_out, src, disp, "border", True, True),
         cpu.merged_warp_forward(src, disp, disp, logit, -logit, "zeros"),
         cpu.warp_l1_forward(src, disp, target, "zeros"),
         *cpu.warp_l1_backward(torch.ones(2), src, disp, target, "zeros", True, True, True),
+        cpu.warp_backward(grad_out, src, disp, "border", False, True)[1],
+        *cpu.warp_variant_forward(src, disp, "zeros", True, True),
+        cpu.warp_variant_backward(grad_out, logit, src, disp, "zeros", False, True, True)[1],
     ]
     for k, (a, b) in enumerate(zip(got, want)):
         assert torch.equal(a, b), f"result {k} differs"
