@@ -148,7 +148,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_check_learning(args: argparse.Namespace) -> int:
     from .learning import check_learning, format_learning
 
-    check = dataclasses.replace(LearningCheck(), steps=args.steps, recipe=args.recipe)
+    check = dataclasses.replace(LearningCheck(), steps=args.steps, recipe=args.recipe, head_motion=args.head_motion,
+                                jitter=not args.no_jitter)
     report = check_learning(args.out, check, threads=args.threads)
     print(format_learning(report))
     print(f"wrote {args.out / 'learning.json'}, {args.out / 'checkpoint.pt'} and {args.out / 'panel.png'}")
@@ -204,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=LearningCheck.steps, help="training steps (default %(default)s)")
     p.add_argument("--recipe", default=LearningCheck.recipe, choices=sorted(RECIPES),
                    help="training recipe (default %(default)s)")
+    p.add_argument("--head-motion", type=float, default=LearningCheck.head_motion,
+                   help="scale of the synthetic head's motion, 0 = still (default %(default)s)")
+    p.add_argument("--no-jitter", action="store_true",
+                   help="train without the random crops: with --head-motion 0 only the AUs move")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: chosen from the cores)")
     p.set_defaults(run=cmd_check_learning)
 

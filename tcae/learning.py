@@ -45,6 +45,7 @@ class LearningCheck:
     videos: int = 2
     frames: int = 32
     head_motion: float = 0.5
+    jitter: bool = True
     image_size: int = 64
     width: float = 0.25
     batch_size: int = 16
@@ -72,8 +73,8 @@ def check_learning(out: Path, check: LearningCheck = LearningCheck(), threads: i
     config = TrainConfig.from_recipe(
         check.recipe, data=str(data), out=str(out / "run"),
         model={"image_size": check.image_size, "width": check.width, "backend": check.backend},
-        batch_size=check.batch_size, steps=check.steps, val_every=check.val_every, val_batches=check.val_batches,
-        panel_every=check.val_every, ckpt_every=check.val_every, log_every=50, seed=check.seed, threads=threads)
+        batch_size=check.batch_size, jitter=check.jitter, steps=check.steps, val_every=check.val_every,
+        val_batches=check.val_batches, panel_every=check.val_every, ckpt_every=check.val_every, log_every=50, seed=check.seed, threads=threads)
     model, run = train(config)
     shutil.copy(run["checkpoint"], out / "checkpoint.pt")
     val = run["val"]

@@ -208,3 +208,24 @@ def test_demo_quick(tmp_path):
         assert summary["bench_table"] is None
     else:
         assert summary["bench_table"] and Path(summary["bench_table"]).is_file(), summary["bench_note"]
+
+
+def test_check_learning_flags_reach_the_check(monkeypatch, tmp_path):
+    import tcae.learning
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake(out, check, threads=0):
+        seen.update(out=out, check=check, threads=threads)
+        raise Stop
+
+    monkeypatch.setattr(tcae.learning, "check_learning", fake)
+    with pytest.raises(Stop):
+        main(["check-learning", "--out", str(tmp_path), "--head-motion", "0", "--no-jitter", "--steps", "7"])
+    assert (seen["check"].head_motion, seen["check"].jitter, seen["check"].steps) == (0.0, False, 7)
+    with pytest.raises(Stop):
+        main(["check-learning", "--out", str(tmp_path)])
+    assert (seen["check"].head_motion, seen["check"].jitter) == (0.5, True)
