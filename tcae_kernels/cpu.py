@@ -20,10 +20,11 @@ Layouts: src, grad_out and target are read in place through their strides
 made contiguous (a copy only if they are not; they are small). Results follow
 src's memory format; gradients of δ and the fields are contiguous.
 
-Threads: torch.get_num_threads() of them, on a small pool of Python threads
-(the kernels release the GIL); calls below PARALLEL_MIN_VALUES output values
-stay on the calling thread. numba's own threading layers are not used: on a
-busy machine their OpenMP workers spin against torch's.
+Threads: torch.get_num_threads() of them, on numba's threads (a driver per
+kernel compiled with parallel=True: OpenMP or TBB, whose workers wait for work
+spinning) once the driver is compiled, else on a small pool of Python threads
+(the kernels release the GIL): see _run. Calls below PARALLEL_MIN_VALUES output
+values stay on the calling thread.
 
 Determinism: forward, loss and ∂L/∂δ reduce per pixel or per row in a fixed
 order. ∂L/∂src is a scatter: each task owns whole (b, c) planes and adds its
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -46,7 +48,7 @@ from .fallback import splat_importance, splat_output_grads
 
 try:
     import numba
-    from numba import njit
+    from numba import njit, prange
 except Exception as e:  # noqa: BLE001 - not installed, or refusing this numpy: the eager path serves
     numba = None
     _IMPORT_ERROR: Exception | None = e
@@ -856,21 +858,148 @@ if numba is not None:
                 gz[b * hw + p] = acc_z
 
 
-# Below this many output values a call runs on the calling thread only: handing
-# work to another thread costs tens of µs, more on a busy machine.
-PARALLEL_MIN_VALUES = 1 << 16
+if numba is not None:
+    # Drivers: one kernel's ranges (cuts[k] … cuts[k + 1]) on numba's threads, one range each.
+    # numba cannot hand a tuple of arrays to a parallel loop, hence one driver per kernel.
+
+    def _pjit(fn):
+        """A driver compiled with parallel=True, cached like the kernels."""
+        return _jit(fn, parallel=True)
+
+    @_pjit
+    def _warp_fwd_par(src, ss, disp, sd, out, so, mask, sizes, border, flow, want_mask, cuts):
+        for k in prange(len(cuts) - 1):
+            _warp_fwd(src, ss, disp, sd, out, so, mask, sizes, border, flow, want_mask, cuts[k], cuts[k + 1])
+
+    @_pjit
+    def _warp_bwd_par(src, ss, disp, sd, g, sg, gmask, flow, want_mask, gdisp, gsrc, sizes, border, need_src,
+                      need_disp, groups, cuts):
+        for k in prange(len(cuts) - 1):
+            _warp_bwd(src, ss, disp, sd, g, sg, gmask, flow, want_mask, gdisp, gsrc, sizes, border, need_src,
+                      need_disp, groups, cuts[k], cuts[k + 1])
+
+    @_pjit
+    def _merged_fwd_par(src, ss, fa, fb, la, lb, out, so, sizes, border, cuts):
+        for k in prange(len(cuts) - 1):
+            _merged_fwd(src, ss, fa, fb, la, lb, out, so, sizes, border, cuts[k], cuts[k + 1])
+
+    @_pjit
+    def _merged_bwd_par(src, ss, fa, fb, la, lb, g, sg, grads, gsrc, sizes, border, need_src, need_fields,
+                        groups, cuts):
+        for k in prange(len(cuts) - 1):
+            _merged_bwd(src, ss, fa, fb, la, lb, g, sg, grads, gsrc, sizes, border, need_src, need_fields,
+                        groups, cuts[k], cuts[k + 1])
+
+    @_pjit
+    def _l1_fwd_par(src, ss, disp, tgt, st, part, sizes, border, cuts):
+        for k in prange(len(cuts) - 1):
+            _l1_fwd(src, ss, disp, tgt, st, part, sizes, border, cuts[k], cuts[k + 1])
+
+    @_pjit
+    def _l1_bwd_par(src, ss, disp, tgt, st, gloss, inv_count, gdisp, gtgt, gsrc, sizes, border,
+                    need_src, need_disp, need_target, groups, cuts):
+        for k in prange(len(cuts) - 1):
+            _l1_bwd(src, ss, disp, tgt, st, gloss, inv_count, gdisp, gtgt, gsrc, sizes, border,
+                    need_src, need_disp, need_target, groups, cuts[k], cuts[k + 1])
+
+    @_pjit
+    def _splat_fwd_par(src, ss, flow, zs, num, den, sizes, normalize, cuts):
+        for k in prange(len(cuts) - 1):
+            _splat_fwd(src, ss, flow, zs, num, den, sizes, normalize, cuts[k], cuts[k + 1])
+
+    @_pjit
+    def _splat_bwd_par(src, ss, flow, zs, gn, sg, gd, gsrc, gflow, gz, sizes, need_src, normalize, cuts):
+        for k in prange(len(cuts) - 1):
+            _splat_bwd(src, ss, flow, zs, gn, sg, gd, gsrc, gflow, gz, sizes, need_src, normalize,
+                       cuts[k], cuts[k + 1])
+
+    # kernel → its driver (cpu3d adds its own)
+    DRIVERS = {_warp_fwd: _warp_fwd_par, _warp_bwd: _warp_bwd_par, _merged_fwd: _merged_fwd_par,
+               _merged_bwd: _merged_bwd_par, _l1_fwd: _l1_fwd_par, _l1_bwd: _l1_bwd_par,
+               _splat_fwd: _splat_fwd_par, _splat_bwd: _splat_bwd_par}
+else:
+    DRIVERS = {}
+
+
+# Below this many output values a call runs on the calling thread only: numba's threads
+# add ~5-15 µs a call to start and join (2×3×64×64 and 2×32×32×32 gain from two), a pool
+# thread tens of µs, more on a busy machine: the pool takes POOL_COST times as many.
+PARALLEL_MIN_VALUES = 1 << 13
+POOL_COST = 8
+# numba's threads serve the process that first launched them, when its threading layer
+# is safe for calls from several Python threads at once (OpenMP or TBB, not workqueue),
+# and never a forked child of it: GNU OpenMP's threads do not survive a fork.
+_layer_pid = -1
+_layer_safe = False
+_layer_lock = threading.Lock()
+# A driver compiles the kernel it calls once more (2-6 s from a cold cache), too long for a
+# first call, and numba compiles one function at a time in a process. So the first
+# COMPILE_AFTER calls of a driver's kind run on the pool; then a thread compiles the driver
+# (or loads it from the disk cache) while the calls go on on the pool. By then a training
+# loop has called (and compiled) its kernels, whose first call the compile would delay.
+COMPILE_AFTER = 8
+_seen: dict[tuple, int] = {}  # (driver, pid, the arrays' dtypes and other arguments' types) → calls; -1: compiled
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = -1
 
 
-def _run(kernel, args: tuple, n: int, values: int) -> None:
-    """kernel(*args, lo, hi) over [0, n) in contiguous ranges, one per torch thread (at most).
+def _compile(driver, types: tuple, key: tuple) -> None:
+    """Compile (or load from the disk cache) driver for these argument types, then mark key compiled."""
+    driver.compile(types)
+    _seen[key] = -1
 
-    The kernels release the GIL. Each range's result does not depend on how
-    [0, n) is split, so any thread count gives the same bits.
+
+def _on_numba_threads(driver, args: tuple, cuts: np.ndarray) -> bool:
+    """driver(*args, cuts) on numba's threads (True), or False where it did not run: numba's
+    threads are not safe to use, or the driver is not compiled for these types yet."""
+    global _layer_pid, _layer_safe
+    pid = os.getpid()
+    if _layer_pid != -1 and (_layer_pid != pid or not _layer_safe):
+        return False
+    args = (*args, cuts)
+    key = (driver, pid, *(a.dtype if isinstance(a, np.ndarray) else type(a) for a in args))
+    seen = _seen.get(key, 0)
+    if seen >= 0:
+        _seen[key] = seen + 1
+        if seen == COMPILE_AFTER:
+            types = tuple(numba.typeof(a) for a in args)
+            # Not a daemon: a process that ends sooner waits for it, so that the disk cache gets the driver.
+            threading.Thread(target=_compile, args=(driver, types, key), name="tcae_kernels compile").start()
+        return False
+    if _layer_pid == -1:
+        with _layer_lock:  # the first launch picks the layer: one caller at a time, even for workqueue
+            numba.set_num_threads(len(cuts) - 1)
+            driver(*args)
+            if _layer_pid == -1:
+                _layer_safe = numba.threading_layer() in ("omp", "tbb")
+                _layer_pid = pid
+        return True
+    numba.set_num_threads(len(cuts) - 1)  # per Python thread: its caller's torch threads
+    driver(*args)
+    return True
+
+
+def _run(kernel, args: tuple, n: int, values: int) -> None:
+    """kernel(*args, lo, hi) over [0, n) in contiguous ranges, one per torch thread (at most;
+    see PARALLEL_MIN_VALUES).
+
+    The ranges run on numba's threads (OpenMP: they wait for work spinning, so
+    a call starts them in a few µs), else on a pool of Python threads (the
+    kernels release the GIL; a sleeping one starts 20-150 µs after it is handed
+    work). Each range's result does not depend on how [0, n) is split, so any
+    thread count gives the same bits.
     """
     global _pool, _pool_pid
     threads = min(torch.get_num_threads(), n, max(1, values // PARALLEL_MIN_VALUES))
+    if threads <= 1:
+        kernel(*args, 0, n)
+        return
+    driver = DRIVERS.get(kernel)
+    if driver is not None:
+        parts = min(threads, numba.config.NUMBA_NUM_THREADS)
+        if _on_numba_threads(driver, args, np.array([n * k // parts for k in range(parts + 1)], np.int64)):
+            return
+    threads = min(threads, values // (PARALLEL_MIN_VALUES * POOL_COST))
     if threads <= 1:
         kernel(*args, 0, n)
         return

@@ -24,7 +24,9 @@ from .cpu import _acc, _as, _field, _flat, _parts, _run, _to
 from .ops.launch import memory_format_of
 
 if cpu.numba is not None:
-    from .cpu import _axis, _bounds, _jit
+    from numba import prange
+
+    from .cpu import _axis, _bounds, _jit, _pjit
 
     @_jit(inline="always")
     def _side(i0, a, n, f, stride, one):
@@ -171,6 +173,24 @@ if cpu.numba is not None:
                                 g = gout[gb + x * sg[4]]
                                 for k in range(8):
                                     gsrc[base + off[k, x]] += g * wts[k, x]
+
+    # Their drivers on numba's threads (see cpu._run).
+    @_pjit
+    def _fwd_par(src, ss, dsp, out, so, sizes, border, sgn, cuts):
+        for k in prange(len(cuts) - 1):
+            _fwd(src, ss, dsp, out, so, sizes, border, sgn, cuts[k], cuts[k + 1])
+
+    @_pjit
+    def _bwd_disp_par(src, ss, dsp, gout, sg, gdisp, sizes, border, sgn, cuts):
+        for k in prange(len(cuts) - 1):
+            _bwd_disp(src, ss, dsp, gout, sg, gdisp, sizes, border, sgn, cuts[k], cuts[k + 1])
+
+    @_pjit
+    def _bwd_src_par(src, ss, dsp, gout, sg, gsrc, sizes, border, sgn, parts, cuts):
+        for k in prange(len(cuts) - 1):
+            _bwd_src(src, ss, dsp, gout, sg, gsrc, sizes, border, sgn, parts, cuts[k], cuts[k + 1])
+
+    cpu.DRIVERS.update({_fwd: _fwd_par, _bwd_disp: _bwd_disp_par, _bwd_src: _bwd_src_par})
 
 
 def _sign(flow: bool, field: np.ndarray) -> np.floating:

@@ -8,6 +8,8 @@ float64) and caches it on disk, so the shapes stay tiny.
 
 from __future__ import annotations
 
+import os
+import threading
 import warnings
 import zlib
 
@@ -312,6 +314,50 @@ def test_grad_src_bitwise_repeatable_with_two_threads(monkeypatch, batch):
         for a, b in zip([*r[0], *r[1]], [*one[0], *one[1]]):
             assert torch.equal(a, b)
 
+
+def test_numba_threads_from_several_python_threads(monkeypatch):
+    """Two torch threads on numba's threads (drivers compiled first), called from four Python
+    threads at once: no deadlock, and the bits of one thread."""
+    gen = seeded("numba threads")
+    src = torch.randn(2, 3, 12, 12, generator=gen)
+    disp = torch.randn(2, 2, 12, 12, generator=gen) * 3
+    grad_out = torch.randn(2, 3, 12, 12, generator=gen)
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_VALUES", 1)
+    monkeypatch.setattr(cpu, "COMPILE_AFTER", 0)
+    launched = []
+    real = cpu._on_numba_threads
+    monkeypatch.setattr(cpu, "_on_numba_threads", lambda *a: launched.append(real(*a)) or launched[-1])
+
+    def both():
+        return (cpu.warp_forward(src, disp, "border"), *cpu.warp_backward(grad_out, src, disp, "border", True, True))
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = both()
+        torch.set_num_threads(2)
+        both()  # starts the drivers' compiles
+        for t in threading.enumerate():
+            if t.name == "tcae_kernels compile":
+                t.join()
+        results = [None] * 4
+
+        def call(k):
+            results[k] = [both() for _ in range(3)]
+
+        workers = [threading.Thread(target=call, args=(k,)) for k in range(4)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in workers)
+    finally:
+        torch.set_num_threads(threads)
+    # On numba's threads, unless its layer is workqueue (then the pool ran them all).
+    assert launched[-1] or (cpu._layer_pid == os.getpid() and not cpu._layer_safe)
+    for per_thread in results:
+        for r in per_thread:
+            assert all(torch.equal(a, b) for a, b in zip(r, one))
 
 def test_without_numba_one_warning(monkeypatch):
     monkeypatch.setattr(cpu, "numba", None)
