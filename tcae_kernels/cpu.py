@@ -49,6 +49,8 @@ from .fallback import splat_importance, splat_output_grads
 try:
     import numba
     from numba import njit, prange
+    from numba.core import types as _types
+    from numba.extending import overload
 except Exception as e:  # noqa: BLE001 - not installed, or refusing this numpy: the eager path serves
     numba = None
     _IMPORT_ERROR: Exception | None = e
@@ -315,6 +317,14 @@ if numba is not None:
                 for c in range(c_):
                     out[ob + c * os_c + x * os_w] = np.nan
 
+    def _bfloat16_bits(src):
+        """Whether src holds bfloat16 bit patterns (uint16): a constant of each compiled specialization."""
+
+    @overload(_bfloat16_bits, inline="always")
+    def _bfloat16_bits_typed(src):
+        bits = src.dtype == _types.uint16
+        return lambda src: bits
+
     @_jit(inline="always")
     def _position_sums(src, sb, s_c, off, axw, g, gb, g_c, g_w, c_, sums, vals, w):
         """sums[0, x] = Σ_c g·∂out/∂x̂ and sums[1, x] = Σ_c g·∂out/∂ŷ over one row (SPEC section 2).
@@ -326,14 +336,22 @@ if numba is not None:
         (see the note above).
         """
         sums[:] = 0
+        bits = vals.view(np.uint32)
         for c in range(c_):
             cb = sb + np.uint64(c) * s_c
             gp = gb + np.uint64(c) * g_c
-            for x in range(w):
-                vals[0, x] = src[cb + off[0][x]]
-                vals[1, x] = src[cb + off[1][x]]
-                vals[2, x] = src[cb + off[2][x]]
-                vals[3, x] = src[cb + off[3][x]]
+            if _bfloat16_bits(src):  # a bfloat16 is the top half of the float32 it equals
+                for x in range(w):
+                    bits[0, x] = np.uint32(src[cb + off[0][x]]) << np.uint32(16)
+                    bits[1, x] = np.uint32(src[cb + off[1][x]]) << np.uint32(16)
+                    bits[2, x] = np.uint32(src[cb + off[2][x]]) << np.uint32(16)
+                    bits[3, x] = np.uint32(src[cb + off[3][x]]) << np.uint32(16)
+            else:
+                for x in range(w):
+                    vals[0, x] = src[cb + off[0][x]]
+                    vals[1, x] = src[cb + off[1][x]]
+                    vals[2, x] = src[cb + off[2][x]]
+                    vals[3, x] = src[cb + off[3][x]]
             # g's row as it is when contiguous, else copied into vals[4].
             gr, go = g, gp
             if g_w != 1:
@@ -550,9 +568,10 @@ if numba is not None:
         b_, c_, h, w, h_in, w_in = sizes
         xs = _coords(w, disp)
         bounds = _clamp_bounds(disp, w_in, h_in, border)
-        scratch = _scratch(w, src)
-        sums = np.empty((2, w), src.dtype)
-        vals = np.empty((5, w), src.dtype)
+        # In disp's dtype, the arithmetic's: src may hold bfloat16 bits (∂L/∂δ alone).
+        scratch = _scratch(w, disp)
+        sums = np.empty((2, w), disp.dtype)
+        vals = np.empty((5, w), disp.dtype)
         neg = np.empty((2, w), disp.dtype)
         for u in range(u0, u1):
             b, c0, c1, y0, y1 = _unit(u, groups, need_src, c_, h)
@@ -1176,7 +1195,13 @@ def warp_variant_backward(
     grad_src, scatter = _grad_src(src, acc, need_src, h, w)
     grad_disp = torch.empty(*disp.shape, dtype=acc) if need_disp else None
     if scatter or need_disp:
-        s, ss, h_in, w_in = _source(src, acc, grad_src if scatter else None)
+        if src.dtype == torch.bfloat16 and not scatter and src.shape[2] * src.shape[3]:
+            # ∂L/∂δ alone reads src only in its gathers, which widen bfloat16 bits themselves:
+            # no float32 copy of src (the forward made one already).
+            s, ss = _flat(src.view(torch.int16))
+            s, h_in, w_in = s.view(np.uint16), src.shape[2], src.shape[3]
+        else:
+            s, ss, h_in, w_in = _source(src, acc, grad_src if scatter else None)
         # An empty src's mask is 0 wherever δ is: no gradient (the kernel's stand-in pixel would give one).
         want_mask = grad_mask is not None and src.shape[2] * src.shape[3] > 0
         gmask = _field(grad_mask, acc) if want_mask else _none(acc)

@@ -376,3 +376,27 @@ def test_without_numba_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert cpu.kernels_or_none().warp_forward is cpu.warp_forward
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("flow", [False, True])
+def test_bfloat16_disp_gradient_reads_the_bits(layout, flow):
+    """∂L/∂δ alone with bfloat16 src and grad_out widens their bits in the gathers instead of copying
+    them to float32 first: bitwise the gradient of the same values given as float32."""
+    gen = seeded("bf16 bits", layout, flow)
+    src = torch.randn(2, 5, 9, 13, generator=gen).to(torch.bfloat16)
+    grad_out = torch.randn(2, 5, 9, 13, generator=gen).to(torch.bfloat16)
+    disp = torch.randn(2, 2, 9, 13, generator=gen) * 4
+    disp[0, 0, 2, 3] = float("nan")
+    src[1, 2, 4, 4] = float("inf")
+    grad_mask = torch.randn(2, 1, 9, 13, generator=gen)
+    if layout == "channels_last":
+        src, grad_out = (t.contiguous(memory_format=torch.channels_last) for t in (src, grad_out))
+    elif layout == "strided":
+        src, grad_out = (torch.cat([t, t], dim=3)[..., ::2] for t in (src, grad_out))
+    for padding in ("zeros", "border"):
+        for mask in (None, grad_mask):
+            bits = cpu.warp_variant_backward(grad_out, mask, src, disp, padding, False, True, flow)[1]
+            wide = cpu.warp_variant_backward(grad_out.float(), mask, src.float(), disp, padding, False, True, flow)[1]
+            assert torch.equal(bits.isnan(), wide.isnan()) and torch.equal(bits.nan_to_num(), wide.nan_to_num())
+            assert bits.isfinite().sum() > 0.9 * bits.numel()
