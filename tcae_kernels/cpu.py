@@ -1045,7 +1045,8 @@ def _memory_format(src: torch.Tensor) -> torch.memory_format:
 def _flat(t: torch.Tensor) -> tuple[np.ndarray, tuple[int, ...]]:
     """t's memory from its first element as a 1-D numpy array (no copy), and t's strides in elements.
 
-    t: on the CPU, float32 or float64. An empty t gives a one-element dummy the kernels never read.
+    t: on the CPU, float32 or float64 (or int16, bfloat16's bits). An empty t gives a one-element dummy
+    the kernels never read.
     """
     if t.requires_grad:  # numpy() refuses a tensor that requires grad; a detached view costs ~0.3 µs
         t = t.detach()
@@ -1068,18 +1069,23 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _source(
-    src: torch.Tensor, acc: torch.dtype, like: torch.Tensor | None = None
+    src: torch.Tensor, acc: torch.dtype, like: torch.Tensor | None = None, bits: bool = False
 ) -> tuple[np.ndarray, tuple[int, ...], int, int]:
     """src for the kernels: (flat array, strides, H_in, W_in).
 
     With ``like`` (the ∂L/∂src buffer) src gets like's strides, copied if it
     has others (a sliced or expanded src): the scatter reuses src's offsets.
+    With ``bits``, for a kernel that widens bfloat16 in its loads, a bfloat16
+    src comes as its bit patterns (uint16), in place: no float32 copy.
     A source without pixels becomes one zero pixel: every sample then reads 0,
     as every neighbour of an empty source is outside it.
     """
     b, c, h_in, w_in = src.shape
     if h_in * w_in == 0:
         return *_flat(torch.zeros(b, c, 1, 1, dtype=acc)), 1, 1
+    if bits and src.dtype == torch.bfloat16:
+        s, ss = _flat(src.view(torch.int16))
+        return s.view(np.uint16), ss, h_in, w_in
     s = _to(src, acc)
     if like is not None and s.stride() != like.stride():
         s = s.contiguous(memory_format=_memory_format(src))
@@ -1195,13 +1201,8 @@ def warp_variant_backward(
     grad_src, scatter = _grad_src(src, acc, need_src, h, w)
     grad_disp = torch.empty(*disp.shape, dtype=acc) if need_disp else None
     if scatter or need_disp:
-        if src.dtype == torch.bfloat16 and not scatter and src.shape[2] * src.shape[3]:
-            # ∂L/∂δ alone reads src only in its gathers, which widen bfloat16 bits themselves:
-            # no float32 copy of src (the forward made one already).
-            s, ss = _flat(src.view(torch.int16))
-            s, h_in, w_in = s.view(np.uint16), src.shape[2], src.shape[3]
-        else:
-            s, ss, h_in, w_in = _source(src, acc, grad_src if scatter else None)
+        # ∂L/∂δ alone reads src only in _position_sums's gathers, which widen bfloat16 bits themselves.
+        s, ss, h_in, w_in = _source(src, acc, grad_src if scatter else None, bits=not scatter)
         # An empty src's mask is 0 wherever δ is: no gradient (the kernel's stand-in pixel would give one).
         want_mask = grad_mask is not None and src.shape[2] * src.shape[3] > 0
         gmask = _field(grad_mask, acc) if want_mask else _none(acc)
