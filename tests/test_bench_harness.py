@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from bench import impls
+from bench import coldstart, impls
 from bench.__main__ import main
 from bench.harness import OPS, min_bytes
-from tcae_kernels import warp_torch
+from tcae_kernels import cpu, warp_torch
 from tcae_kernels.ops.launch import INTERPRET
 
 # One tiny case per dtype: seconds, interpreter included.
@@ -103,3 +103,11 @@ def test_volumes_benchmark_runs_checked(tmp_path):
     assert {r["impl"] for r in records} == {"ours", "vm", "eager"}
     assert {r["dtype"] for r in records} == {"float32", "bfloat16"}
     assert all(r["median_us"] > 0 and r["min_bytes"] > 0 for r in records)
+
+
+@pytest.mark.skipif(not cpu.available(), reason="numba is not installed")
+def test_coldstart_times_a_cold_first_call():
+    """bench.coldstart's child compiles from an empty cache (not the interpreter) and reports three times."""
+    fwd, bwd, warm = coldstart.first_calls("warp3d", "float32", both=False)
+    # Seconds, seconds, milliseconds: the first calls compile (or load), the warm one only runs.
+    assert fwd > 10 * warm / 1e3 and bwd > 0 and warm > 0

@@ -179,6 +179,26 @@ def test_compiled_cpu_path(mode, dtype):
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last) == (dtype == torch.float32)
 
 
+@pytest.mark.skipif(not cpu.available(), reason="numba is not installed")
+@pytest.mark.parametrize("mode", MODES)
+def test_compiled_cpu_backward_only_what_is_asked(mode):
+    """Each subset of gradients equals the full backward's, and no two results share storage with
+    each other or an input: torch.library rejects such outputs (it did for flow's gradient alone)."""
+    gen = seeded("cpu-needs", mode)
+    src, flow, metric = inputs(mode, torch.float32, gen, shape=(2, 3, 5, 6))
+    m = metric if metric is not None else src.new_empty(0)
+    grad_out = torch.randn(src.shape, generator=gen)
+    out, den = splat_module._cpu_forward(src, flow, m, mode, False)
+    args = (grad_out, src, flow, m, out, den, mode)
+    full = splat_module._cpu_backward(*args, True, True, metric is not None)
+    for need in [(s, f, g) for s in (False, True) for f in (False, True) for g in (False, metric is not None)]:
+        got = splat_module._cpu_backward(*args, *need)
+        for k in range(3):
+            assert torch.equal(got[k], full[k]) if need[k] else got[k].numel() == 0, (need, k)
+        storages = [t.untyped_storage()._cdata for t in (*args[:6], *got)]
+        assert len(set(storages)) == len(storages), need
+
+
 def test_errors():
     src, flow = torch.randn(1, 2, 3, 4), torch.zeros(1, 2, 3, 4)
     with pytest.raises(ValueError, match="mode"):
