@@ -1339,8 +1339,8 @@ def splat_forward(
 def splat_backward(
     grad_out: torch.Tensor, src: torch.Tensor, flow: torch.Tensor, metric: torch.Tensor, out: torch.Tensor,
     den: torch.Tensor, mode: str, need_src: bool, need_flow: bool, need_metric: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(∂L/∂src, ∂L/∂flow, ∂L/∂metric) of splat_forward; an empty tensor for each not asked for."""
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(∂L/∂src | None, ∂L/∂flow | None, ∂L/∂metric | None) of splat_forward: None for each not asked for."""
     acc = _acc(src.dtype)
     b, c, h, w = src.shape
     grad_src = torch.zeros((b, c, h, w), dtype=acc)
@@ -1357,11 +1357,10 @@ def splat_backward(
         _run(_splat_bwd, args, b * h, b * max(c, 1) * h * w)
     if mode == "softmax":
         gz = gz * z.view(b, 1, h, w)  # ∂z/∂metric = z
-    # One empty tensor per gradient not asked for: torch.library rejects outputs that alias each other.
     return (
-        _as(grad_src, src.dtype).contiguous(memory_format=_memory_format(src)) if need_src else src.new_empty(0),
-        _as(grad_flow, flow.dtype) if need_flow else flow.new_empty(0),
-        _as(gz, metric.dtype) if need_metric else metric.new_empty(0),
+        _as(grad_src, src.dtype).contiguous(memory_format=_memory_format(src)) if need_src else None,
+        _as(grad_flow, flow.dtype) if need_flow else None,
+        _as(gz, metric.dtype) if need_metric else None,
     )
 
 

@@ -297,7 +297,8 @@ def _cpu_backward(grad_out, src, flow, metric, out, den, mode: str, need_src: bo
     compiled = compiled_cpu()
     if compiled is None:
         return fallback.splat_backward(grad_out, src, flow, metric, out, den, mode, need_src, need_flow, need_metric)
-    return compiled.splat_backward(grad_out, src, flow, metric, out, den, mode, need_src, need_flow, need_metric)
+    grads = compiled.splat_backward(grad_out, src, flow, metric, out, den, mode, need_src, need_flow, need_metric)
+    return tuple(or_empty(g, like) for g, like in zip(grads, (src, flow, metric)))
 
 
 _splat_op = define_op("splat", _forward, _cpu_forward, fallback.splat_forward, _forward_fake)
