@@ -74,7 +74,8 @@ def check_learning(out: Path, check: LearningCheck = LearningCheck(), threads: i
         check.recipe, data=str(data), out=str(out / "run"),
         model={"image_size": check.image_size, "width": check.width, "backend": check.backend},
         batch_size=check.batch_size, jitter=check.jitter, steps=check.steps, val_every=check.val_every,
-        val_batches=check.val_batches, panel_every=check.val_every, ckpt_every=check.val_every, log_every=50, seed=check.seed, threads=threads)
+        val_batches=check.val_batches, panel_every=check.val_every, ckpt_every=check.val_every, log_every=50,
+        seed=check.seed, threads=threads)
     model, run = train(config)
     shutil.copy(run["checkpoint"], out / "checkpoint.pt")
     val = run["val"]
