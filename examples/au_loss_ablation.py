@@ -1,7 +1,7 @@
 """Which of TCAE's losses keep it from learning the synthetic AUs? Train it with a chosen set.
 
 On synthetic pairs where only the AUs move (the head still, no crop jitter),
-the whole TCAE stays at the identity baseline (README, "Where the
+the whole TCAE stays at the identity baseline (docs/learning.md, "Where the
 self-supervised loop breaks"), yet its AU decoder can learn these AUs
 (``examples/au_oracle.py``). This example trains the whole model, both
 branches and the paper's attention merge, from δ = 0 with Adam 1e-3, on the

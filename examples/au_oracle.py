@@ -13,7 +13,7 @@ baseline (returning the source unchanged). A ratio well below 1 says that the
 warp can express these AUs and that the reconstruction loss can teach a
 decoder them, when its input carries them. ``tcae check-learning
 --head-motion 0 --no-jitter`` trains the whole TCAE on the same kind of pairs
-(README, "Why the AU criterion fails").
+(docs/learning.md, "Why the AU criterion fails").
 
     python examples/au_oracle.py --steps 1500
 """

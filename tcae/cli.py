@@ -149,7 +149,7 @@ def cmd_check_learning(args: argparse.Namespace) -> int:
     from .learning import check_learning, format_learning
 
     check = dataclasses.replace(LearningCheck(), steps=args.steps, recipe=args.recipe, head_motion=args.head_motion,
-                                jitter=not args.no_jitter)
+                                jitter=not args.no_jitter, seed=args.seed)
     report = check_learning(args.out, check, threads=args.threads)
     print(format_learning(report))
     print(f"wrote {args.out / 'learning.json'}, {args.out / 'checkpoint.pt'} and {args.out / 'panel.png'}")
@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scale of the synthetic head's motion, 0 = still (default %(default)s)")
     p.add_argument("--no-jitter", action="store_true",
                    help="train without the random crops: with --head-motion 0 only the AUs move")
+    p.add_argument("--seed", type=int, default=LearningCheck.seed,
+                   help="seeds the synthetic data, the identity split and the model (default %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: chosen from the cores)")
     p.set_defaults(run=cmd_check_learning)
 

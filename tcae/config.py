@@ -1,7 +1,7 @@
 """A training run's settings: :class:`TrainConfig` (nesting the model's :class:`~tcae.model.TCAEConfig`),
 the named recipes, and their files and command-line flags.
 
-    config = TrainConfig.from_recipe("fast", data="data/synth", model=TCAEConfig(image_size=64, width=0.25))
+    config = TrainConfig.from_recipe("fast", data="data/synth", model={"image_size": 64, "width": 0.25})
     tcae train --recipe fast --data data/synth --image-size 64 --width 0.25
 
 Precedence, lowest first: the dataclass defaults (SPEC section 6, the
@@ -37,8 +37,12 @@ def _opt(default: Any, help: str) -> Any:
 RECIPES: dict[str, dict[str, Any]] = {
     "faithful": {},
     # The smallest change found to learn within minutes on two CPU cores (README, "Learning check").
+    # TCAE's cycle and consistency losses, on from the first step, hold both displacements at zero; so
+    # the AU displacement waits while the pose one learns the head's motion, and those losses come in
+    # once both move (docs/learning.md, "The other losses hold the displacements at zero").
     "fast": {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "curriculum": False, "still_start": True,
-             "warmup_steps": 100, "schedule": "cosine", "min_lr_ratio": 0.05},
+             "warmup_steps": 100, "schedule": "cosine", "min_lr_ratio": 0.05, "au_delay_steps": 600,
+             "aux_delay_steps": 1500, "aux_ramp_steps": 1000, "model": {"pose_grid": 4, "merge": "sum"}},
 }
 
 
@@ -71,6 +75,10 @@ class TrainConfig:
     curriculum: bool = _opt(True, "each loss term's curriculum window (else the batch mean)")
     still_start: bool = _opt(False, "zero the decoders' output convs: training starts from δ = 0 (identity)")
     sparsity_weight: float = _opt(0.1, "weight of the AU displacement sparsity loss (the original's: 0.1)")
+    au_delay_steps: int = _opt(0, "first steps with δ_AU held at 0 (its decoder's output conv, zeroed by "
+                                  "still_start, is not updated): the pose displacement learns first")
+    aux_delay_steps: int = _opt(0, "first steps with the cycle and embedding-consistency losses' weights at 0")
+    aux_ramp_steps: int = _opt(0, "then those weights rise linearly to full over this many steps")
     patience: int = _opt(15, "validations without improvement, more than which slide the window")
     lr_patience: int = _opt(10, "the same, once the window has stopped: LR × 0.1")
     sync_bn: bool = _opt(True, "SyncBatchNorm under DDP on CUDA")
@@ -112,7 +120,8 @@ class TrainConfig:
         for name in ("pairs_per_identity", "batch_size", "steps", "val_batches", "panel_samples", "log_every",
                      "max_frame_pixels"):
             check_range(name, getattr(self, name), 1)
-        for name in ("max_offset", "warmup_steps", "ckpt_every", "panel_every", "patience", "lr_patience", "seed"):
+        for name in ("max_offset", "warmup_steps", "ckpt_every", "panel_every", "patience", "lr_patience", "seed",
+                     "au_delay_steps", "aux_delay_steps", "aux_ramp_steps"):
             check_range(name, getattr(self, name), 0)
         for name in ("num_workers", "val_every"):
             check_range(name, getattr(self, name), -1)
@@ -126,6 +135,9 @@ class TrainConfig:
         check_range("grad_clip", self.grad_clip, 0.0, meaning="0 = no clipping")
         check_range("weight_decay", self.weight_decay, 0.0)
         check_range("sparsity_weight", self.sparsity_weight, 0.0)
+        if self.au_delay_steps and not self.still_start:
+            raise ConfigError(f"au_delay_steps ({self.au_delay_steps}) holds δ_AU at 0 by not updating the zeroed "
+                              "output conv of still_start: it needs still_start")
         for name in ("data", "out"):
             if not getattr(self, name):
                 raise ConfigError(f"{name} must name a folder, got an empty string")

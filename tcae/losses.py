@@ -18,6 +18,7 @@ the decoders to read the source and target apart from them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -41,6 +42,17 @@ class LossWeights:
     cycle_pose: float = 1.0  # L1(pose-changed warped back by the pose decoder, source)
     cycle_au: float = 1.0  # L1(AU-changed warped back by the AU decoder, source)
     au_sparsity: float = 0.1  # mean |clamp(x − δ_AU) − x| in normalized units (pixels / ((size − 1)/2))
+
+
+# The terms that tie the two displacements to each other and to the embeddings: the six consistency
+# terms and the two cycles.
+AUX_TERMS = ("pose_changed_pose", "pose_changed_au", "au_changed_pose", "au_changed_au", "recon_pose", "recon_au",
+             "cycle_pose", "cycle_au")
+
+
+def scale_aux(weights: LossWeights, factor: float) -> LossWeights:
+    """``weights`` with the :data:`AUX_TERMS`' weights multiplied by ``factor`` (a warm-up's)."""
+    return dataclasses.replace(weights, **{name: getattr(weights, name) * factor for name in AUX_TERMS})
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:

@@ -196,6 +196,11 @@ class Decoder(nn.Module):
         self.net = nn.Sequential(*layers)
         self.disp_scale = config.disp_scale
 
+    @property
+    def output(self) -> nn.Conv2d:
+        """The output conv (displacement and attention channels)."""
+        return self.net[-1]
+
     def still(self) -> None:
         """Zero the output conv: δ = 0 and equal attention for any input, until training moves it.
 
@@ -203,8 +208,8 @@ class Decoder(nn.Module):
         pixels that does not depend on its input (the biases of the last
         layers), which starts training worse than the identity.
         """
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
+        nn.init.zeros_(self.output.weight)
+        nn.init.zeros_(self.output.bias)
 
     def forward(
         self, source_emb: torch.Tensor, target_emb: torch.Tensor

@@ -1,7 +1,9 @@
 """Figure-1-style panels: what the TCAE does to a few frame pairs, as one PNG that reads on its own.
 
 One row per sample; columns (:data:`COLUMNS`): source, target, AU-changed,
-pose-changed, reconstruction, AU displacement, pose displacement, attention.
+pose-changed, reconstruction, AU displacement, pose displacement, attention;
+for a model that sums the two displacements (``merge="sum"``), which has no
+attention, the last column is the merged displacement δ = δ_AU + δ_pose.
 Displacements are coloured by a colour wheel: hue is the direction of δ (the
 way the content moves: the warp samples the source at x − δ), saturation its
 length, white = none, full colour = ``scale_px`` pixels or more. The scale is
@@ -28,6 +30,12 @@ from .model import TCAEOutput
 
 COLUMNS = ("source", "target", "AU-changed", "pose-changed", "reconstruction", "AU displacement",
            "pose displacement", "attention (AU weight)")
+SUM_COLUMN = "δ = δ_AU + δ_pose"
+
+
+def columns(merge: str = "attention") -> tuple[str, ...]:
+    """The panel's column titles for a model with this ``merge`` (:class:`~tcae.model.TCAEConfig`)."""
+    return COLUMNS if merge == "attention" else COLUMNS[:-1] + (SUM_COLUMN,)
 _GAP = 2  # pixels of white between tiles in the plain grid
 
 
@@ -79,25 +87,33 @@ def _image_to_rgb(img: torch.Tensor) -> np.ndarray:
     return x.permute(1, 2, 0).numpy().astype(np.uint8)
 
 
-def _tiles(source: torch.Tensor, target: torch.Tensor, out: TCAEOutput, scale_px: float) -> list[list[np.ndarray]]:
+def _displacements(out: TCAEOutput, merge: str) -> dict[int, torch.Tensor]:
+    """Column index → the displacement [B, 2, S, S] it shows."""
+    return {5: out.disp_au, 6: out.disp_pose, **({7: out.disp} if merge == "sum" else {})}
+
+
+def _tiles(source: torch.Tensor, target: torch.Tensor, out: TCAEOutput, scale_px: float,
+           merge: str) -> list[list[np.ndarray]]:
     """Per sample, one [S, S, 3] uint8 tile per column."""
     rows = []
     for b in range(source.shape[0]):
         tiles = [_image_to_rgb(t[b]) for t in (source, target, out.au_changed, out.pose_changed, out.reconstruction)]
-        tiles += [flow_to_rgb(d[b].detach().float().cpu().numpy(), scale_px) for d in (out.disp_au, out.disp_pose)]
-        weight = (out.attention[b, 0].detach().float().cpu().clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
-        tiles.append(np.repeat(weight[..., None], 3, axis=2))
+        tiles += [flow_to_rgb(d[b].detach().float().cpu().numpy(), scale_px)
+                  for d in _displacements(out, merge).values()]
+        if merge == "attention":
+            weight = (out.attention[b, 0].detach().float().cpu().clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
+            tiles.append(np.repeat(weight[..., None], 3, axis=2))
         rows.append(tiles)
     return rows
 
 
 def make_panel(source: torch.Tensor, target: torch.Tensor, out: TCAEOutput, scale_px: float | None = None,
-               zoom: int = 2) -> np.ndarray:
-    """The plain grid: one row per sample of :data:`COLUMNS`, tiles enlarged ``zoom``× (nearest) so 64 px
+               zoom: int = 2, merge: str = "attention") -> np.ndarray:
+    """The plain grid: one row per sample of :func:`columns`, tiles enlarged ``zoom``× (nearest) so 64 px
     faces stay readable; source, target [B, 3, S, S] in [0, 1]. Returns [H, W, 3] uint8."""
     scale_px = scale_px or default_scale(source.shape[-1])
     rows = []
-    for tiles in _tiles(source, target, out, scale_px):
+    for tiles in _tiles(source, target, out, scale_px, merge):
         tiles = [t.repeat(zoom, 0).repeat(zoom, 1) for t in tiles]
         gap = np.full((tiles[0].shape[0], _GAP, 3), 255, np.uint8)
         rows.append(np.concatenate([x for t in tiles for x in (t, gap)][:-1], axis=1))
@@ -105,21 +121,24 @@ def make_panel(source: torch.Tensor, target: torch.Tensor, out: TCAEOutput, scal
     return np.concatenate([x for r in rows for x in (r, gap)][:-1], axis=0)
 
 
-def caption(scale_px: float) -> str:
+def caption(scale_px: float, merge: str = "attention") -> str:
     """What the plain grid shows, for the ``.txt`` beside it."""
-    return (f"Columns, left to right: {', '.join(COLUMNS)}. One row per (source, target) pair.\n"
+    return (f"Columns, left to right: {', '.join(columns(merge))}. One row per (source, target) pair.\n"
             f"Displacements: hue = direction the content moves (red +x/right, yellow-green +y/down, cyan -x, "
             f"violet -y), white = none, full colour = {scale_px:g} px or more.\n"
-            "Attention: the AU branch's weight in the merge, black 0 (pose decides) to white 1 (AU decides).\n")
+            + ("Attention: the AU branch's weight in the merge, black 0 (pose decides) to white 1 (AU decides).\n"
+               if merge == "attention" else ""))
 
 
-def _figure(rows: list[list[np.ndarray]], out: TCAEOutput, scale_px: float, arrows: bool) -> np.ndarray:
+def _figure(rows: list[list[np.ndarray]], out: TCAEOutput, scale_px: float, arrows: bool, merge: str) -> np.ndarray:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    n, cols = len(rows), len(COLUMNS)
+    titles = columns(merge)
+    shown = _displacements(out, merge)
+    n, cols = len(rows), len(titles)
     fig, axes = plt.subplots(n, cols + 1, figsize=(1.45 * (cols + 1), 1.5 * n + 0.5), squeeze=False,
                              gridspec_kw={"wspace": 0.05, "hspace": 0.08})
     size = rows[0][0].shape[0]
@@ -129,15 +148,15 @@ def _figure(rows: list[list[np.ndarray]], out: TCAEOutput, scale_px: float, arro
         for c, tile in enumerate(tiles):
             ax = axes[r, c]
             ax.imshow(tile, interpolation="nearest")
-            if arrows and c in (5, 6):
-                d = (out.disp_au if c == 5 else out.disp_pose)[r].detach().float().cpu().numpy()
+            if arrows and c in shown:
+                d = shown[c][r].detach().float().cpu().numpy()
                 u, v = d[0][np.ix_(grid, grid)], d[1][np.ix_(grid, grid)]
                 # Arrows in pixels at the image's scale: one arrow is the displacement itself.
                 ax.quiver(grid, grid, u, v, angles="xy", scale_units="xy", scale=1, color="black", width=0.012)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(COLUMNS[c], fontsize=7)
+                ax.set_title(titles[c], fontsize=7)
         axes[r, cols].axis("off")
     legend = axes[0, cols]
     legend.imshow(colour_wheel(), extent=(-scale_px, scale_px, scale_px, -scale_px))
@@ -153,13 +172,14 @@ def _figure(rows: list[list[np.ndarray]], out: TCAEOutput, scale_px: float, arro
 
 
 def write_panel(path: str | Path, source: torch.Tensor, target: torch.Tensor, out: TCAEOutput,
-                scale_px: float | None = None, arrows: bool = False) -> np.ndarray:
+                scale_px: float | None = None, arrows: bool = False, merge: str = "attention") -> np.ndarray:
     """Write the panel of a batch as a PNG (titled with matplotlib, else the plain grid and a ``.txt``
     caption); returns the image written, [H, W, 3] uint8.
 
     source, target [B, 3, S, S] in [0, 1]; ``out`` = model(source, target);
     ``scale_px``: full-colour displacement in pixels (default :func:`default_scale`);
-    ``arrows``: a quiver over each displacement (matplotlib only).
+    ``arrows``: a quiver over each displacement (matplotlib only); ``merge``: the model's
+    (``config.merge``), which decides the last column (:func:`columns`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,9 +187,9 @@ def write_panel(path: str | Path, source: torch.Tensor, target: torch.Tensor, ou
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        image = make_panel(source, target, out, scale_px)
-        path.with_suffix(".txt").write_text(caption(scale_px))
+        image = make_panel(source, target, out, scale_px, merge=merge)
+        path.with_suffix(".txt").write_text(caption(scale_px, merge))
     else:
-        image = _figure(_tiles(source, target, out, scale_px), out, scale_px, arrows)
+        image = _figure(_tiles(source, target, out, scale_px, merge), out, scale_px, arrows, merge)
     write_png(path, image)
     return image

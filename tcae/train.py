@@ -77,7 +77,7 @@ from .config import (
 )
 from .distributed import Dist, setup
 from .frames import FramePairDataset, list_identities, split_identities
-from .losses import Curriculum, LossWeights, compute_losses, pixel_criterion
+from .losses import Curriculum, LossWeights, compute_losses, pixel_criterion, scale_aux
 from .model import TCAE
 from .monitor import (
     MetricsLog,
@@ -101,6 +101,14 @@ def lr_factor(config: TrainConfig, step: int) -> float:
         return 1.0
     progress = min((step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1), 1.0)
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def aux_factor(config: TrainConfig, step: int) -> float:
+    """Multiplier on the cycle and consistency losses' weights after ``step`` optimizer steps: 0 for
+    ``aux_delay_steps``, then a linear ramp to 1 over ``aux_ramp_steps``."""
+    if step < config.aux_delay_steps:
+        return 0.0
+    return min(1.0, (step - config.aux_delay_steps) / config.aux_ramp_steps) if config.aux_ramp_steps else 1.0
 
 
 def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -142,20 +150,21 @@ def note_skipped(skipped: set[str], batch: dict) -> None:
 
 
 @torch.no_grad()
-def validate(model: TCAE, loader: DataLoader, config: TrainConfig, d: Dist, skipped: set[str]) -> dict[str, float]:
+def validate(model: TCAE, loader: DataLoader, config: TrainConfig, d: Dist, skipped: set[str],
+             weights: LossWeights) -> dict[str, float]:
     """Means over the validation pairs (all ranks' shards), in eval mode: ``pixel_loss`` (the
     curriculum's criterion, :func:`tcae.losses.pixel_criterion`), ``recon`` (L1 of the
-    reconstruction), ``identity`` (L1 of the source itself: the baseline recon must beat) and ``total``.
-    Unreadable frames met go to ``skipped``."""
+    reconstruction), ``identity`` (L1 of the source itself: the baseline recon must beat) and ``total``,
+    with the loss ``weights`` training uses at this step. Unreadable frames met go to ``skipped``."""
     model.eval()
     acc = torch.zeros(5, dtype=torch.float64, device=d.device)
     for batch in loader:
         note_skipped(skipped, batch)
         source, target = batch["source"].to(d.device), batch["target"].to(d.device)
         with _autocast(config, d.device):
-            losses, total = compute_losses(model, model(source, target), source, target)
+            losses, total = compute_losses(model, model(source, target), source, target, weights)
         identity = (source.float() - target.float()).abs().flatten(1).mean(1)
-        acc += torch.stack([pixel_criterion(losses, LossWeights()).double().sum(), losses["recon"].double().sum(),
+        acc += torch.stack([pixel_criterion(losses, weights).double().sum(), losses["recon"].double().sum(),
                             identity.double().sum(), total.double().sum(),
                             torch.tensor(float(total.numel()), dtype=torch.float64, device=d.device)])
     model.train()
@@ -172,7 +181,7 @@ def panel(model: TCAE, samples: list[dict], config: TrainConfig, device: torch.d
     with _autocast(config, device):
         out = model(source, target)
     model.train()
-    return write_panel(path, source, target, out, arrows=config.panel_arrows)
+    return write_panel(path, source, target, out, arrows=config.panel_arrows, merge=config.model.merge)
 
 
 def train(config: TrainConfig, resume: str | Path | None = None) -> tuple[TCAE, dict]:
@@ -347,17 +356,22 @@ def _train(config: TrainConfig, resume: str | Path | None, d: Dist) -> tuple[TCA
             note_skipped(skipped, batch)
             source = batch["source"].to(d.device, non_blocking=True)
             target = batch["target"].to(d.device, non_blocking=True)
+            step_weights = scale_aux(weights, aux_factor(config, step))
             with _autocast(config, d.device):
                 result = ddp(source, target)
-                losses, total = compute_losses(model, result, source, target, weights)
+                losses, total = compute_losses(model, result, source, target, step_weights)
             # Every rank must stop together, or the others wait forever in the next all-reduce.
             local_bad = not bool(torch.isfinite(total).all())
             if d.all_sum(torch.tensor(float(local_bad), device=d.device)).item():
                 raise NonFiniteLossError(non_finite_report(step + 1, losses, batch, d.rank) if local_bad
                                          else f"non-finite loss at step {step + 1} on another rank")
-            loss = curriculum.select(losses, weights)
+            loss = curriculum.select(losses, step_weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if step < config.au_delay_steps:
+                # Zero, not None: the optimizer counts the step for these parameters like the others.
+                for p in model.au_decoder.output.parameters():
+                    p.grad.zero_()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or math.inf)
             if not torch.isfinite(grad_norm):
                 names = [n for n, p in model.named_parameters() if p.grad is not None
@@ -400,7 +414,7 @@ def _train(config: TrainConfig, resume: str | Path | None, d: Dist) -> tuple[TCA
                                       f"| {summary.get('img_per_s', math.nan):.1f} img/s{unreadable}")
 
             if config.val_every >= 0 and validation_due():
-                val = validate(model, val_loader, config, d, skipped)
+                val = validate(model, val_loader, config, d, skipped, scale_aux(weights, aux_factor(config, step)))
                 event = curriculum.record(val["pixel_loss"])
                 log({"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in val.items()},
                      "val_recon_ratio": val["recon"] / val["identity"], "best_val_pixel_loss": curriculum.best,

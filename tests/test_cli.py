@@ -224,8 +224,9 @@ def test_check_learning_flags_reach_the_check(monkeypatch, tmp_path):
 
     monkeypatch.setattr(tcae.learning, "check_learning", fake)
     with pytest.raises(Stop):
-        main(["check-learning", "--out", str(tmp_path), "--head-motion", "0", "--no-jitter", "--steps", "7"])
-    assert (seen["check"].head_motion, seen["check"].jitter, seen["check"].steps) == (0.0, False, 7)
+        main(["check-learning", "--out", str(tmp_path), "--head-motion", "0", "--no-jitter", "--steps", "7",
+              "--seed", "3"])
+    assert (seen["check"].head_motion, seen["check"].jitter, seen["check"].steps, seen["check"].seed) == (0.0, False, 7, 3)
     with pytest.raises(Stop):
         main(["check-learning", "--out", str(tmp_path)])
-    assert (seen["check"].head_motion, seen["check"].jitter) == (0.5, True)
+    assert (seen["check"].head_motion, seen["check"].jitter, seen["check"].seed) == (0.5, True, 0)

@@ -16,7 +16,7 @@ KEYS = {"recon_l1", "identity_l1", "au_f1", "au_f1_always_present", "au_f1_rando
 
 def test_tiny_run_learns(tmp_path):
     # Two frames per video: the pairs differ mostly by the crop jitter, the easiest motion to learn.
-    check = LearningCheck(identities=16, videos=2, frames=2, width=0.125, batch_size=16, steps=150, val_every=150,
+    check = LearningCheck(identities=16, videos=2, frames=2, width=0.125, batch_size=16, steps=300, val_every=300,
                           val_batches=2, probe_epochs=2, backend="grid_sample")
     report = check_learning(tmp_path, check, threads=1)
     # The fast recipe starts from δ = 0, where the reconstruction is the source and its L1 is exactly

@@ -25,6 +25,7 @@ import torch
 
 import tcae.checkpoint as checkpoint_module
 import tcae.config as config_module
+import tcae.losses as losses_module
 import tcae.monitor as monitor
 import tcae.train as train_module
 from tcae.checkpoint import CheckpointError, check_compatible, load_checkpoint, load_model, save_checkpoint
@@ -34,7 +35,7 @@ from tcae.errors import ConfigError, DataError
 from tcae.frames import _decoder
 from tcae.model import TCAE, TCAEConfig
 from tcae.monitor import NonFiniteLossError, Progress
-from tcae.panels import COLUMNS, flow_to_rgb, make_panel
+from tcae.panels import COLUMNS, SUM_COLUMN, caption, columns, flow_to_rgb, make_panel
 from tcae.synthetic import SyntheticConfig, generate_dataset
 from tcae.train import train
 
@@ -255,6 +256,20 @@ def test_plain_panel_grid_has_one_tile_per_column():
     assert np.array_equal(image[:tile:2, :tile:2], expected)
 
 
+def test_summed_model_panel_shows_the_merged_displacement(tmp_path):
+    # merge="sum" has no attention: the last column is δ = δ_AU + δ_pose, and the caption says so.
+    model = TCAE(TCAEConfig(image_size=64, width=0.125, backend="grid_sample", merge="sum")).eval()
+    source, target = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(source, target)
+    image = make_panel(source, target, out, scale_px=8.0, zoom=1, merge="sum")
+    last = image[:64, -64:]
+    assert np.array_equal(last, flow_to_rgb(out.disp[0].numpy(), 8.0))
+    assert not np.array_equal(last, flow_to_rgb(out.disp_pose[0].numpy(), 8.0))
+    assert columns("sum")[-1] == SUM_COLUMN and "Attention" not in caption(8.0, "sum")
+    assert columns("attention") == COLUMNS and "Attention" in caption(8.0)
+
+
 def test_flow_colours():
     disp = np.zeros((2, 2, 3))
     disp[0, 0, 1] = 2.0  # +x: red
@@ -291,7 +306,7 @@ def test_config_from_file_and_flags(tmp_path):
     # The model's fields nest; padding and in_channels are reachable from the command line.
     config = config_module.config_from_args(parser.parse_args(["--padding", "zeros", "--in-channels", "1",
                                                               "--recipe", "fast", "--lr", "5e-4"]))
-    assert (config.model.padding, config.model.in_channels) == ("zeros", 1)
+    assert (config.model.padding, config.model.in_channels, config.model.pose_grid) == ("zeros", 1, 4)
     assert (config.recipe, config.optimizer, config.lr) == ("fast", "adam", 5e-4)  # flags beat the recipe
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"image_size": 64, "learning_rate": 1}))
@@ -307,6 +322,42 @@ def test_cosine_schedule():
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert factors[10] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.1, abs=1e-3)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+
+
+def test_aux_warm_up_factor():
+    config = TrainConfig(aux_delay_steps=10, aux_ramp_steps=4)
+    factors = [train_module.aux_factor(config, s) for s in range(16)]
+    assert factors == [0.0] * 11 + [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert [train_module.aux_factor(TrainConfig(aux_delay_steps=2), s) for s in range(4)] == [0, 0, 1, 1]
+    assert train_module.aux_factor(TrainConfig(), 0) == 1.0
+
+
+def test_fast_recipe_nests_its_model_settings():
+    config = TrainConfig.from_recipe("fast", model={"image_size": 64})
+    assert (config.model.image_size, config.model.pose_grid, config.model.merge) == (64, 4, "sum")
+    assert TrainConfig.from_recipe("fast", model={"pose_grid": 0}).model.pose_grid == 0  # changes beat it
+
+
+def test_delayed_au_displacement_and_aux_losses(data, tmp_path):
+    # Steps 0-2 train with δ_AU held at 0 and no cycle or consistency loss; step 3 turns both on (its
+    # forward still has δ_AU = 0: the first update that moves it is step 3's own).
+    out = tmp_path / "run"
+    model, _ = train(tiny(data, out, steps=4, still_start=True, curriculum=False, au_delay_steps=3,
+                          aux_delay_steps=3, val_every=-1, ckpt_every=0))
+    rows = [m for m in metrics(out) if "recon" in m]
+    for row in rows:
+        pixel_and_sparsity = 10 * row["recon"] + 0.1 * row["au_sparsity"]
+        aux = sum(row[name] for name in losses_module.AUX_TERMS)
+        assert aux > 0
+        expected = pixel_and_sparsity + (aux if row["step"] == 4 else 0.0)
+        assert row["loss"] == pytest.approx(expected, rel=1e-5), row["step"]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4] and all(row["disp_au_max_px"] == 0 for row in rows)
+    assert all(row["disp_pose_max_px"] > 0 for row in rows[1:])
+    assert model.au_decoder.output.weight.abs().sum() > 0 and model.pose_decoder.output.weight.abs().sum() > 0
+    held = tiny(data, tmp_path / "held", steps=3, still_start=True, au_delay_steps=3, val_every=-1, ckpt_every=0)
+    model, _ = train(held)
+    assert not model.au_decoder.output.weight.any() and not model.au_decoder.output.bias.any()
+    assert model.pose_decoder.output.weight.any()
 
 
 DDP_DRIVER = """
@@ -374,6 +425,9 @@ def test_resume_on_finished_run_is_a_no_op(data, trained, tmp_path, capsys):
     ("steps", 2.5, "steps must be an integer, got 2.5 (float)"),
     ("model", {"width": "0.25"}, "width must be a number, got '0.25' (str)"),
     ("model", {"width": -1.0}, "width must be in (0, 16.0], got -1.0"),
+    ("aux_ramp_steps", -1, "aux_ramp_steps must be at least 0, got -1"),
+    ("au_delay_steps", 10, "au_delay_steps (10) holds δ_AU at 0 by not updating the zeroed output conv of "
+                           "still_start: it needs still_start"),
 ])
 def test_settings_are_checked_at_the_door(setting, value, message):
     with pytest.raises(ConfigError) as e:
