@@ -226,7 +226,8 @@ def test_check_learning_flags_reach_the_check(monkeypatch, tmp_path):
     with pytest.raises(Stop):
         main(["check-learning", "--out", str(tmp_path), "--head-motion", "0", "--no-jitter", "--steps", "7",
               "--seed", "3"])
-    assert (seen["check"].head_motion, seen["check"].jitter, seen["check"].steps, seen["check"].seed) == (0.0, False, 7, 3)
+    check = seen["check"]
+    assert (check.head_motion, check.jitter, check.steps, check.seed) == (0.0, False, 7, 3)
     with pytest.raises(Stop):
         main(["check-learning", "--out", str(tmp_path)])
     assert (seen["check"].head_motion, seen["check"].jitter, seen["check"].seed) == (0.5, True, 0)

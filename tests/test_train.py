@@ -256,7 +256,7 @@ def test_plain_panel_grid_has_one_tile_per_column():
     assert np.array_equal(image[:tile:2, :tile:2], expected)
 
 
-def test_summed_model_panel_shows_the_merged_displacement(tmp_path):
+def test_summed_model_panel_shows_the_merged_displacement():
     # merge="sum" has no attention: the last column is δ = δ_AU + δ_pose, and the caption says so.
     model = TCAE(TCAEConfig(image_size=64, width=0.125, backend="grid_sample", merge="sum")).eval()
     source, target = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
