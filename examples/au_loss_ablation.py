@@ -31,16 +31,11 @@ from pathlib import Path
 import torch
 
 from tcae.frames import FramePairDataset, split_identities
-from tcae.losses import LossWeights, compute_losses
+from tcae.losses import CONSISTENCY_TERMS, CYCLE_TERMS, LossWeights, compute_losses
 from tcae.model import TCAE, TCAEConfig
 from tcae.synthetic import SyntheticConfig, generate_dataset
 
-GROUPS = {
-    "consistency": ("pose_changed_pose", "pose_changed_au", "au_changed_pose", "au_changed_au", "recon_pose",
-                    "recon_au"),
-    "cycles": ("cycle_pose", "cycle_au"),
-    "sparsity": ("au_sparsity",),
-}
+GROUPS = {"consistency": CONSISTENCY_TERMS, "cycles": CYCLE_TERMS, "sparsity": ("au_sparsity",)}
 
 
 def weights(keep: tuple[str, ...]) -> LossWeights:

@@ -44,10 +44,12 @@ class LossWeights:
     au_sparsity: float = 0.1  # mean |clamp(x − δ_AU) − x| in normalized units (pixels / ((size − 1)/2))
 
 
-# The terms that tie the two displacements to each other and to the embeddings: the six consistency
-# terms and the two cycles.
-AUX_TERMS = ("pose_changed_pose", "pose_changed_au", "au_changed_pose", "au_changed_au", "recon_pose", "recon_au",
-             "cycle_pose", "cycle_au")
+# The terms that tie the two displacements to each other and to the embeddings: the six embedding
+# consistency terms and the two cycles.
+CONSISTENCY_TERMS = ("pose_changed_pose", "pose_changed_au", "au_changed_pose", "au_changed_au", "recon_pose",
+                     "recon_au")
+CYCLE_TERMS = ("cycle_pose", "cycle_au")
+AUX_TERMS = CONSISTENCY_TERMS + CYCLE_TERMS
 
 
 def scale_aux(weights: LossWeights, factor: float) -> LossWeights:
