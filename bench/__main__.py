@@ -47,8 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fields", nargs="+", choices=FIELDS, default=list(FIELDS))
     p.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS))
     p.add_argument("--impls", nargs="+", choices=list(IMPLS),
-                   help="default: ours gs-path gs-kernel naive on CUDA; cpu (with numba) fallback gs-path gs-kernel naive "
-                   "on CPU, plus ours checked (not timed) under TRITON_INTERPRET=1")
+                   help="default: ours gs-path gs-kernel naive on CUDA; cpu (with numba) fallback gs-path gs-kernel "
+                   "naive on CPU, plus ours checked (not timed) under TRITON_INTERPRET=1")
     p.add_argument("--padding", choices=("zeros", "border"), default="border", help="default: TCAE's")
     p.add_argument("--out", type=Path, help="output folder; default bench/results on CUDA, a temp folder on CPU")
     p.add_argument("--quick", action="store_true", help="small shapes and short timings: exercises the harness")

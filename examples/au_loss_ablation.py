@@ -113,7 +113,8 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--identities", type=int, default=96)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", type=Path, help="a synthetic data set rendered with --head-motion 0 (default: render one)")
+    parser.add_argument("--data", type=Path,
+                        help="a synthetic data set rendered with --head-motion 0 (default: render one)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     main(keep=tuple(args.keep), steps=args.steps, identities=args.identities, seed=args.seed, data=args.data)

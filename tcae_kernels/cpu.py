@@ -1340,7 +1340,7 @@ def splat_backward(
     grad_out: torch.Tensor, src: torch.Tensor, flow: torch.Tensor, metric: torch.Tensor, out: torch.Tensor,
     den: torch.Tensor, mode: str, need_src: bool, need_flow: bool, need_metric: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(∂L/∂src | None, ∂L/∂flow | None, ∂L/∂metric | None) of splat_forward: None for each not asked for."""
+    """(∂L/∂src, ∂L/∂flow, ∂L/∂metric) of splat_forward, each None when not asked for."""
     acc = _acc(src.dtype)
     b, c, h, w = src.shape
     grad_src = torch.zeros((b, c, h, w), dtype=acc)
