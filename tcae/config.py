@@ -75,6 +75,9 @@ class TrainConfig:
     curriculum: bool = _opt(True, "each loss term's curriculum window (else the batch mean)")
     still_start: bool = _opt(False, "zero the decoders' output convs: training starts from δ = 0 (identity)")
     sparsity_weight: float = _opt(0.1, "weight of the AU displacement sparsity loss (the original's: 0.1)")
+    blur_weight: float = _opt(0.0, "weight of the reconstruction L1 after Gaussian blurs of 1/32 and 1/16 of the "
+                                   "image side, which reaches motions larger than a thin feature (0 = off, the "
+                                   "original)")
     au_delay_steps: int = _opt(0, "first steps with δ_AU held at 0 (its decoder's output conv, zeroed by "
                                   "still_start, is not updated): the pose displacement learns first")
     aux_delay_steps: int = _opt(0, "first steps with the cycle and embedding-consistency losses' weights at 0")
@@ -135,6 +138,7 @@ class TrainConfig:
         check_range("grad_clip", self.grad_clip, 0.0, meaning="0 = no clipping")
         check_range("weight_decay", self.weight_decay, 0.0)
         check_range("sparsity_weight", self.sparsity_weight, 0.0)
+        check_range("blur_weight", self.blur_weight, 0.0)
         if self.au_delay_steps and not self.still_start:
             raise ConfigError(f"au_delay_steps ({self.au_delay_steps}) holds δ_AU at 0 by not updating the zeroed "
                               "output conv of still_start: it needs still_start")

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .model import TCAE, TCAEOutput
 
@@ -33,6 +34,7 @@ class LossWeights:
     """Weight of each loss in the total; the defaults are the original's. Names match the loss dict."""
 
     recon: float = 10.0  # L1(T(S, δ), target)
+    recon_blur: float = 0.0  # the same L1 after Gaussian blurs (blurred_l1); 0 = off, the original
     pose_changed_pose: float = 1.0  # MSE(pose emb of pose-changed, target's pose emb)
     pose_changed_au: float = 1.0  # MSE(AU emb of pose-changed, source's AU emb)
     au_changed_pose: float = 1.0  # MSE(pose emb of AU-changed, source's pose emb)
@@ -70,6 +72,37 @@ def _l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-sample mean squared error, [B, D] × 2 → [B]."""
     return (_wide(a) - _wide(b)).pow(2).flatten(1).mean(1)
+
+
+BLUR_FRACTIONS = (1 / 32, 1 / 16)  # σ of blurred_l1's blurs, as fractions of the image side: 2 and 4 px at 64 px
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """images [B, C, H, W] blurred by a Gaussian of σ = ``sigma`` pixels (separable, ±3σ taps, edges replicated)."""
+    r = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-r, r + 1, device=images.device, dtype=images.dtype)
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    k = k / k.sum()
+    c = images.shape[1]
+    images = F.conv2d(F.pad(images, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1),
+                      groups=c)
+    return F.conv2d(F.pad(images, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1),
+                    groups=c)
+
+
+def blurred_l1(a: torch.Tensor, b: torch.Tensor, fractions: tuple[float, ...] = BLUR_FRACTIONS) -> torch.Tensor:
+    """Per-sample L1 of a and b [B, C, S, S] after a Gaussian blur of σ = f · S pixels, summed over
+    ``fractions`` → [B].
+
+    The plain L1 of a warped image has a slope toward the true motion only
+    where the moved feature overlaps its target: a brow 2 px thick, raised by
+    4 px, gives the displacement no gradient toward it. Blurred, the feature
+    overlaps, and the loss leads the displacement there (the coarse levels of
+    an optical-flow pyramid do the same).
+    """
+    with torch.autocast(a.device.type, enabled=False):  # bfloat16 would round away the blurred differences
+        a, b = _wide(a), _wide(b)
+        return sum(_l1(gaussian_blur(a, f * a.shape[-1]), gaussian_blur(b, f * a.shape[-1])) for f in fractions)
 
 
 def au_sparsity(disp: torch.Tensor, disp_scale: float) -> torch.Tensor:
@@ -119,6 +152,7 @@ def compute_losses(
     back_au, _ = model.decode("au", ac_au, out.source_au)
     losses = {
         "recon": _l1(out.reconstruction, target),
+        "recon_blur": blurred_l1(out.reconstruction, target),
         "pose_changed_pose": _mse(pc_pose, out.target_pose),
         "pose_changed_au": _mse(pc_au, out.source_au),
         "au_changed_pose": _mse(ac_pose, out.source_pose),

@@ -272,7 +272,7 @@ def _train(config: TrainConfig, resume: str | Path | None, d: Dist) -> tuple[TCA
     curriculum = Curriculum(patience=config.patience, lr_patience=config.lr_patience,
                             **({} if config.curriculum else {"hi": 1.0}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s) * curriculum.lr_scale)
-    weights = LossWeights(au_sparsity=config.sparsity_weight)
+    weights = LossWeights(au_sparsity=config.sparsity_weight, recon_blur=config.blur_weight)
     step, epoch, consumed = 0, 0, 0
     saved_step = None  # the step the checkpoint on disk holds, for a failed write's message
 

@@ -17,7 +17,8 @@ import torch
 
 import tcae_kernels
 from tcae import model as model_module
-from tcae.losses import Curriculum, LossWeights, au_sparsity, compute_losses, select_window, window_loss
+from tcae.losses import (Curriculum, LossWeights, au_sparsity, blurred_l1, compute_losses, gaussian_blur, select_window,
+                         window_loss)
 from tcae.model import TCAE, TCAEConfig, TCAEOutput
 
 WIDTH = 0.125
@@ -336,6 +337,41 @@ def test_sparsity_is_measured_after_the_border_clamp() -> None:
     assert sparsity.item() == pytest.approx((0 + 1 + 1 + 1) / 4 / 2 / 1.5)
     sparsity.sum().backward()
     assert (disp.grad[0, 0, :, 0] == 0).all() and (disp.grad[0, 0, :, 1:] != 0).all()
+
+
+@pytest.mark.parametrize("sigma", [0.7, 2.0])
+def test_gaussian_blur_matches_a_direct_2d_convolution(sigma: float) -> None:
+    img = torch.rand(2, 3, 20, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    r = math.ceil(3 * sigma)
+    d = torch.arange(-r, r + 1, dtype=torch.float64)
+    k2 = torch.exp(-(d.view(-1, 1) ** 2 + d.view(1, -1) ** 2) / (2 * sigma**2))
+    padded = torch.nn.functional.pad(img, (r, r, r, r), mode="replicate")
+    expected = torch.nn.functional.conv2d(padded, (k2 / k2.sum()).expand(3, 1, -1, -1), groups=3)
+    torch.testing.assert_close(gaussian_blur(img, sigma), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_blurred_l1_reaches_a_thin_line_moved_past_its_width() -> None:
+    # A 2-px line at rows 30-31; the target has it 4 px higher. TCAE samples at y − δ_y: δ_y = −4 moves it there.
+    source = torch.zeros(1, 3, 64, 64, dtype=torch.float64)
+    source[..., 30:32, 16:48] = 1.0
+    target = torch.roll(source, -4, dims=2)
+    # Half a pixel up: off the integer positions, where a bilinear warp's slope is one-sided.
+    disp = torch.zeros(1, 2, 64, 64, dtype=torch.float64)
+    disp[:, 1] = -0.5
+    disp.requires_grad_()
+    warped = tcae_kernels.warp_grid_sample(source, disp, "border")
+    plain, blurred = (warped - target).abs().mean(), blurred_l1(warped, target).sum()
+    (grad_plain,) = torch.autograd.grad(plain, disp, retain_graph=True)
+    (grad_blurred,) = torch.autograd.grad(blurred, disp)
+    # The plain L1's slopes where the line leaves and where it arrives cancel: no pull toward the target.
+    assert grad_plain[0, 1].sum().abs() < 1e-12
+    assert grad_blurred[0, 1].sum() > 1e-4  # descending it makes δ_y negative: upward, toward the target
+    shifts = torch.arange(-8.0, 1.0, dtype=torch.float64)
+    losses = [blurred_l1(tcae_kernels.warp_grid_sample(source, torch.zeros(1, 2, 64, 64, dtype=torch.float64)
+                                                       + torch.tensor([0.0, s]).view(1, 2, 1, 1), "border"),
+                         target).item() for s in shifts]
+    assert shifts[int(torch.tensor(losses).argmin())] == -4
+    assert blurred_l1(target, target).item() == 0
 
 
 def test_one_encoder_pass_per_image_group() -> None:

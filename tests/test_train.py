@@ -340,13 +340,15 @@ def test_fast_recipe_nests_its_model_settings():
 
 def test_delayed_au_displacement_and_aux_losses(data, tmp_path):
     # Steps 0-2 train with δ_AU held at 0 and no cycle or consistency loss; step 3 turns both on (its
-    # forward still has δ_AU = 0: the first update that moves it is step 3's own).
+    # forward still has δ_AU = 0: the first update that moves it is step 3's own). The blurred
+    # reconstruction is not one of those losses: its weight holds from the start.
     out = tmp_path / "run"
     model, _ = train(tiny(data, out, steps=4, still_start=True, curriculum=False, au_delay_steps=3,
-                          aux_delay_steps=3, val_every=-1, ckpt_every=0))
+                          aux_delay_steps=3, blur_weight=3.0, val_every=-1, ckpt_every=0))
     rows = [m for m in metrics(out) if "recon" in m]
     for row in rows:
-        pixel_and_sparsity = 10 * row["recon"] + 0.1 * row["au_sparsity"]
+        assert row["recon_blur"] > 0
+        pixel_and_sparsity = 10 * row["recon"] + 3.0 * row["recon_blur"] + 0.1 * row["au_sparsity"]
         aux = sum(row[name] for name in losses_module.AUX_TERMS)
         assert aux > 0
         expected = pixel_and_sparsity + (aux if row["step"] == 4 else 0.0)
@@ -426,6 +428,7 @@ def test_resume_on_finished_run_is_a_no_op(data, trained, tmp_path, capsys):
     ("model", {"width": "0.25"}, "width must be a number, got '0.25' (str)"),
     ("model", {"width": -1.0}, "width must be in (0, 16.0], got -1.0"),
     ("aux_ramp_steps", -1, "aux_ramp_steps must be at least 0, got -1"),
+    ("blur_weight", -0.5, "blur_weight must be at least 0, got -0.5"),
     ("au_delay_steps", 10, "au_delay_steps (10) holds δ_AU at 0 by not updating the zeroed output conv of "
                            "still_start: it needs still_start"),
 ])
