@@ -30,6 +30,11 @@ from . import train as train_module
 from .config import RECIPES, TrainConfig, add_config_arguments
 from .errors import TCAEError
 from .learning import LearningCheck
+from .synthetic import AU_STYLES
+
+AU_STYLE_HELP = ("synthetic AUs: 'drawn' redraws the face's parts and adds lines, folds and the mouth's interior; "
+                 "'warp' moves the neutral face's content by a smooth displacement per AU, as TCAE assumes "
+                 "(default %(default)s)")
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -37,7 +42,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     summary = generate_dataset(args.out, SyntheticConfig(
         identities=args.identities, videos_per_identity=args.videos, tracks_per_video=args.tracks,
-        frames_per_video=args.frames, size=args.size, seed=args.seed, head_motion=args.head_motion))
+        frames_per_video=args.frames, size=args.size, seed=args.seed, head_motion=args.head_motion,
+        au_style=args.au_style))
     print(f"wrote {summary['frames']} frames of {summary['identities']} identities, {summary['tracks']} tracks, "
           f"to {summary['root']} in {summary['seconds']:.1f} s")
     print("AU occurrence rate: " + ", ".join(f"{k} {v:.2f}" for k, v in summary["occurrence_rate"].items()))
@@ -149,7 +155,7 @@ def cmd_check_learning(args: argparse.Namespace) -> int:
     from .learning import check_learning, format_learning
 
     check = dataclasses.replace(LearningCheck(), steps=args.steps, recipe=args.recipe, head_motion=args.head_motion,
-                                jitter=not args.no_jitter, seed=args.seed)
+                                jitter=not args.no_jitter, seed=args.seed, au_style=args.au_style)
     report = check_learning(args.out, check, threads=args.threads)
     print(format_learning(report))
     print(f"wrote {args.out / 'learning.json'}, {args.out / 'checkpoint.pt'} and {args.out / 'panel.png'}")
@@ -209,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scale of the synthetic head's motion, 0 = still (default %(default)s)")
     p.add_argument("--no-jitter", action="store_true",
                    help="train without the random crops: with --head-motion 0 only the AUs move")
+    p.add_argument("--au-style", default=LearningCheck.au_style, choices=AU_STYLES,
+                   help=AU_STYLE_HELP)
     p.add_argument("--seed", type=int, default=LearningCheck.seed,
                    help="seeds the synthetic data, the identity split and the model (default %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: chosen from the cores)")
@@ -248,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
     p.add_argument("--head-motion", type=float, default=1.0,
                    help="scale of the head's roll, translation, scale and yaw; 0 = still (default %(default)s)")
+    p.add_argument("--au-style", default="drawn", choices=AU_STYLES, help=AU_STYLE_HELP)
     p.set_defaults(run=cmd_synth)
     return parser
 

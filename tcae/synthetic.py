@@ -21,6 +21,17 @@ AU43   eyes closed             eye openings close to a lid line
 An AU *occurs* in a frame when its intensity is above
 :data:`~tcae.common.OCCURRENCE_THRESHOLD` (0.5).
 
+Two AU styles (``au_style``). ``"drawn"`` (the default) redraws the face's
+parts where each AU puts them and draws what real AUs also show: glabella
+lines, forehead lines, nasolabial folds, the mouth's interior and teeth.
+``"warp"`` draws the neutral face and moves its content by a smooth
+displacement per AU (:func:`au_displacement`): the brows' ends as above, the
+eye openings squeezed toward their middle line, the lip corners, and the jaw,
+which stretches the neutral mouth's thin dark gap into an opening. Nothing
+appears that the neutral face does not hold, so every AU change is a warp, as
+TCAE assumes: a frame is the AU-free one warped by :func:`au_displacement`,
+up to the resampling of a rasterised image.
+
 Head pose (:class:`Pose`): ``roll`` in degrees (positive = clockwise on
 screen), ``tx``/``ty`` translation as a fraction of the image size (positive =
 right/down), ``scale`` (1 = nominal face size) and ``yaw`` in [-1, 1], a
@@ -57,9 +68,15 @@ __all__ = [
     "sample_identity",
     "sample_trajectory",
     "render_frame",
+    "au_displacement",
+    "AU_STYLES",
     "generate_dataset",
     "write_png",
 ]
+
+AU_STYLES = ("drawn", "warp")
+# The "warp" style's neutral mouth: a dark gap a pixel or more high, which the jaw drop stretches.
+_WARP_GAP = 0.03
 
 # Image units per face unit at scale 1: the face fills about two thirds of
 # the frame, like a face crop.
@@ -130,7 +147,8 @@ class SyntheticConfig:
     ``seed`` fixes everything: identity ``i`` and track ``(i, v, t)`` draw from
     their own generators, so a larger config reproduces a smaller one's
     identities and tracks exactly. ``head_motion`` scales the head's pose
-    around neutral (:func:`sample_trajectory`).
+    around neutral (:func:`sample_trajectory`); ``au_style`` is "drawn" or
+    "warp" (the module docstring).
     """
 
     identities: int = 4
@@ -140,6 +158,7 @@ class SyntheticConfig:
     seed: int = 0
     tracks_per_video: int = 1
     head_motion: float = 1.0
+    au_style: str = "drawn"
 
 
 def _rgb(c: np.ndarray) -> tuple[float, float, float]:
@@ -301,36 +320,115 @@ def _au_vector(au: Mapping[str, float] | Sequence[float] | np.ndarray | None) ->
     return {name: float(np.clip(v, 0.0, 1.0)) for name, v in zip(AU_NAMES, values)}
 
 
-def render_frame(
-    identity: IdentityParams,
-    au: Mapping[str, float] | Sequence[float] | np.ndarray | None = None,
-    pose: Pose | Sequence[float] | np.ndarray | None = None,
-    size: int = 64,
-) -> np.ndarray:
-    """Draw one frame.
-
-    ``au``: intensities in [0, 1], a mapping by name (missing = 0) or a
-    sequence in :data:`AU_NAMES` order; ``pose``: a :class:`Pose` or 5 numbers
-    in :data:`POSE_NAMES` order. Returns ``[size, size, 3]`` uint8 RGB.
-    Deterministic: no randomness at render time.
-    """
-    a = _au_vector(au)
+def _pose(pose: Pose | Sequence[float] | np.ndarray | None) -> Pose:
     if pose is None:
-        pose = Pose()
-    elif not isinstance(pose, Pose):
-        pose = Pose(*np.asarray(pose, dtype=np.float64).reshape(-1)[: len(POSE_NAMES)].tolist())
-    p = identity
+        return Pose()
+    if isinstance(pose, Pose):
+        return pose
+    return Pose(*np.asarray(pose, dtype=np.float64).reshape(-1)[: len(POSE_NAMES)].tolist())
 
-    # Pixel centres in image coordinates [-1, 1], then into face coordinates
-    # by undoing translation, roll and scale.
+
+def _face_coords(pose: Pose, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pixel centres in image coordinates [-1, 1] (``gx, gy``), then in face coordinates (``x, y``), by
+    undoing translation, roll and scale."""
     g = (np.arange(size, dtype=np.float32) + 0.5) * (2.0 / size) - 1.0
     gx, gy = np.meshgrid(g, g)
     theta = math.radians(pose.roll)
     c, s = math.cos(theta), math.sin(theta)
     ux, uy = gx - 2.0 * pose.tx, gy - 2.0 * pose.ty
     zoom = _FACE_ZOOM * pose.scale
-    x = (c * ux + s * uy) / zoom
-    y = (-s * ux + c * uy) / zoom
+    return gx, gy, (c * ux + s * uy) / zoom, (-s * ux + c * uy) / zoom
+
+
+def _bump(x: np.ndarray, y: np.ndarray, sx: float, sy: float) -> np.ndarray:
+    return np.exp(-((x / sx) ** 2) - (y / sy) ** 2)
+
+
+def _au_field(p: IdentityParams, a: dict[str, float], x: np.ndarray, y: np.ndarray,
+              yaw: float) -> tuple[np.ndarray, np.ndarray]:
+    """The "warp" style's motion at face coordinates (x, y), in face units: the pixel there shows the
+    neutral face's content from (x − dx, y − dy). Amplitudes match the "drawn" style's parts. Each
+    field's slope along its motion stays below 1, so content stretches or squeezes but does not fold."""
+    dx, dy = np.zeros_like(x), np.zeros_like(y)
+    eyes_dx, mouth_dx = 0.10 * yaw, 0.13 * yaw
+    brow_y = p.eye_y - p.brow_gap
+    low = p.eye_y + 2.0 * p.eye_h  # below the eye: the skin between it and the brow stretches or squeezes
+    for side in (-1.0, 1.0):
+        # Brows: the drawn style's motion along the brow, fading past its ends. Above the moved brow the
+        # forehead follows, fading over 0.13; below it the skin down to ``low`` moves in proportion.
+        bx = side * (x - eyes_dx)
+        u = np.clip((bx - p.brow_inner) / p.brow_len, 0.0, 1.0)
+        past_end = np.maximum(np.abs(bx - p.brow_inner - 0.5 * p.brow_len) - 0.5 * p.brow_len, 0.0)
+        shift = -0.15 * a["AU1"] * (1.0 - u) ** 1.5 - 0.14 * a["AU2"] * u**1.5 + a["AU4"] * (0.09 * (1.0 - u) + 0.03)
+        top = brow_y + shift
+        profile = np.where(y < top, np.exp(-(((top - y) / 0.13) ** 2)),
+                           np.clip((low - y) / np.maximum(low - top, 0.02), 0.0, 1.0))
+        window = profile * np.exp(-((past_end / 0.06) ** 2))
+        dy += window * shift
+        dx -= window * side * 0.05 * a["AU4"] * (1.0 - u)
+        # Eyes: content squeezed toward the opening's middle line, 3 × at full AU43.
+        ex = side * p.eye_dx + eyes_dx
+        dy -= 2.0 * a["AU43"] * (y - p.eye_y) * _bump(x - ex, y - p.eye_y, 1.2 * p.eye_w, 1.5 * p.eye_h)
+        # Lip corners: out and up (AU12), out and slightly down (AU20).
+        corner = _bump(x - mouth_dx - side * p.mouth_w, y - p.mouth_y, 0.09, 0.09)
+        dx += corner * side * p.mouth_w * (0.3 * a["AU12"] + 0.45 * a["AU20"])
+        dy += corner * (-0.1 * a["AU12"] + 0.02 * a["AU20"])
+    # Jaw: below the mouth everything moves down by 0.085 (at full AU26), which stretches the neutral
+    # mouth's dark gap (_WARP_GAP high) to about 4 times its height; the chin drops a further 0.03, and
+    # the field fades below it.
+    chin = p.chin_ry
+    jaw = 0.085 * np.clip((y - p.mouth_y + 0.5 * _WARP_GAP) / (0.085 + _WARP_GAP), 0.0, 1.0) \
+        + 0.03 * np.clip((y - p.mouth_y) / (chin - p.mouth_y), 0.0, 1.0)
+    fade = np.exp(-(np.maximum(y - chin - 0.12, 0.0) / 0.15) ** 2) * np.clip(1.0 - (x / p.face_rx) ** 2, 0.0, 1.0)
+    dy += a["AU26"] * jaw * fade
+    return dx, dy
+
+
+def au_displacement(
+    identity: IdentityParams,
+    au: Mapping[str, float] | Sequence[float] | np.ndarray | None = None,
+    pose: Pose | Sequence[float] | np.ndarray | None = None,
+    size: int = 64,
+) -> np.ndarray:
+    """The displacement δ ``[2, size, size]`` float32 in pixels (channel 0 along x, 1 along y) that
+    takes the AU-free frame to the "warp"-style frame with ``au`` at the same ``pose``, in TCAE's
+    convention (``tcae_kernels.warp``: the output at x samples the input at x − δ)."""
+    pose = _pose(pose)
+    _, _, x, y = _face_coords(pose, size)
+    dx, dy = _au_field(identity, _au_vector(au), x, y, pose.yaw)
+    theta = math.radians(pose.roll)
+    c, s = math.cos(theta), math.sin(theta)
+    # Face units → image units (rotate back, zoom) → pixels (the image spans 2 units).
+    k = _FACE_ZOOM * pose.scale * size / 2.0
+    return np.stack([k * (c * dx - s * dy), k * (s * dx + c * dy)]).astype(np.float32)
+
+
+def render_frame(
+    identity: IdentityParams,
+    au: Mapping[str, float] | Sequence[float] | np.ndarray | None = None,
+    pose: Pose | Sequence[float] | np.ndarray | None = None,
+    size: int = 64,
+    au_style: str = "drawn",
+) -> np.ndarray:
+    """Draw one frame.
+
+    ``au``: intensities in [0, 1], a mapping by name (missing = 0) or a
+    sequence in :data:`AU_NAMES` order; ``pose``: a :class:`Pose` or 5 numbers
+    in :data:`POSE_NAMES` order; ``au_style``: "drawn" or "warp" (the module
+    docstring). Returns ``[size, size, 3]`` uint8 RGB.
+    Deterministic: no randomness at render time.
+    """
+    if au_style not in AU_STYLES:
+        raise ValueError(f"au_style must be one of {AU_STYLES}, got {au_style!r}")
+    a = _au_vector(au)
+    pose = _pose(pose)
+    p = identity
+    _, gy, x, y = _face_coords(pose, size)
+    zoom = _FACE_ZOOM * pose.scale
+    if au_style == "warp":
+        dx, dy = _au_field(p, a, x, y, pose.yaw)
+        x, y = x - dx, y - dy
+        a = _au_vector(None)
 
     skin = np.array(p.skin, dtype=np.float32)
     # The background stays put while the head moves: a vertical gradient.
@@ -424,7 +522,7 @@ def render_frame(
     half_w = p.mouth_w * (1.0 + 0.45 * a["AU20"] + 0.3 * a["AU12"])
     my = p.mouth_y + 0.07 * a["AU26"]
     corner = -0.1 * a["AU12"] + 0.02 * a["AU20"]
-    gap = 0.01 + 0.17 * a["AU26"] + 0.035 * a["AU12"]
+    gap = (_WARP_GAP if au_style == "warp" else 0.01) + 0.17 * a["AU26"] + 0.035 * a["AU12"]
     mx = x - mouth_dx
     xn2 = np.clip((mx / half_w) ** 2, 0.0, 1.0)
     bow = 1.0 - xn2
@@ -440,7 +538,8 @@ def render_frame(
         cv.fill(fold, skin * 0.7, alpha=np.clip((a["AU12"] - 0.2) / 0.5, 0.0, 1.0))
 
     cv.fill(_band(mx, y, top, bottom, half_w), (70.0, 22.0, 28.0))
-    cv.fill(np.maximum(_band(mx, y, top, bottom, half_w), y - (top + 0.03 * bow)), (238.0, 236.0, 225.0))
+    if au_style == "drawn":  # teeth
+        cv.fill(np.maximum(_band(mx, y, top, bottom, half_w), y - (top + 0.03 * bow)), (238.0, 236.0, 225.0))
     lips = np.array(p.lips, dtype=np.float32)
     cv.fill(_band(mx, y, top - 0.03 * thin * np.sqrt(bow), top, half_w), lips)
     cv.fill(_band(mx, y, bottom, bottom + 0.04 * thin * np.sqrt(bow), half_w), lips * 1.05)
@@ -467,13 +566,15 @@ def generate_dataset(root: str | Path, config: SyntheticConfig = SyntheticConfig
     (``roll, tx, ty, scale, yaw``). Existing files are overwritten.
 
     Returns a summary: ``root``, counts of ``identities``, ``videos``,
-    ``tracks`` and ``frames``, ``au_names``, ``occurrence_rate`` (fraction of
+    ``tracks`` and ``frames``, ``au_names``, ``au_style``, ``occurrence_rate`` (fraction of
     frames in which each AU occurs) and ``seconds``.
     """
     if min(config.identities, config.videos_per_identity, config.tracks_per_video, config.frames_per_video) < 1:
         raise ValueError(f"every count in {config} must be at least 1")
     if not config.head_motion >= 0:
         raise ValueError(f"head_motion must be non-negative, got {config.head_motion}")
+    if config.au_style not in AU_STYLES:
+        raise ValueError(f"au_style must be one of {AU_STYLES}, got {config.au_style!r}")
     if config.size < 16:
         raise ValueError(f"size must be at least 16 pixels, got {config.size}")
     start = time.perf_counter()
@@ -489,7 +590,8 @@ def generate_dataset(root: str | Path, config: SyntheticConfig = SyntheticConfig
                 rng = np.random.default_rng([config.seed, 1, i, v, t])
                 au, pose = sample_trajectory(config.frames_per_video, rng, config.head_motion)
                 for f in range(config.frames_per_video):
-                    write_png(folder / f"{f:06d}.png", render_frame(identity, au[f], pose[f], config.size))
+                    write_png(folder / f"{f:06d}.png", render_frame(identity, au[f], pose[f], config.size,
+                                                                          config.au_style))
                 _write_labels(folder / "labels.csv", au, pose)
                 all_au.append(au)
                 tracks += 1
@@ -501,6 +603,7 @@ def generate_dataset(root: str | Path, config: SyntheticConfig = SyntheticConfig
         "tracks": tracks,
         "frames": int(au_all.shape[0]),
         "au_names": list(AU_NAMES),
+        "au_style": config.au_style,
         "occurrence_rate": {n: float(r) for n, r in zip(AU_NAMES, (au_all > OCCURRENCE_THRESHOLD).mean(axis=0))},
         "seconds": time.perf_counter() - start,
     }

@@ -33,6 +33,11 @@ def test_synth(tmp_path, capsys):
     track = out / "id0001" / "vid00" / "track0"
     assert sorted(p.name for p in track.iterdir()) == ["000000.png", "000001.png", "000002.png", "labels.csv"]
     assert len(LabelledFrames(out, size=32)) == 6
+    warp = tmp_path / "warp"
+    assert main(["synth", str(warp), "--identities", "2", "--videos", "1", "--frames", "3", "--size", "32",
+                 "--au-style", "warp"]) == 0
+    assert (warp / track.relative_to(out) / "labels.csv").read_text() == (track / "labels.csv").read_text()
+    assert (warp / track.relative_to(out) / "000000.png").read_bytes() != (track / "000000.png").read_bytes()
 
 
 def test_prepare_cuts_face_tracks_from_a_video(tmp_path, capsys):
@@ -225,9 +230,9 @@ def test_check_learning_flags_reach_the_check(monkeypatch, tmp_path):
     monkeypatch.setattr(tcae.learning, "check_learning", fake)
     with pytest.raises(Stop):
         main(["check-learning", "--out", str(tmp_path), "--head-motion", "0", "--no-jitter", "--steps", "7",
-              "--seed", "3"])
+              "--seed", "3", "--au-style", "warp"])
     check = seen["check"]
-    assert (check.head_motion, check.jitter, check.steps, check.seed) == (0.0, False, 7, 3)
+    assert (check.head_motion, check.jitter, check.steps, check.seed, check.au_style) == (0.0, False, 7, 3, "warp")
     with pytest.raises(Stop):
         main(["check-learning", "--out", str(tmp_path)])
     assert (seen["check"].head_motion, seen["check"].jitter, seen["check"].seed) == (0.5, True, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -25,4 +26,7 @@ def test_tiny_run_learns(tmp_path):
     assert KEYS <= set(report) and report["recipe"] == "fast"
     assert json.loads((tmp_path / "learning.json").read_text()) == report
     assert (tmp_path / "checkpoint.pt").is_file() and (tmp_path / "panel.png").is_file()
+    # The JSON is committed: its paths name the check's folder, not this machine's.
+    paths = report["train_config"]["data"], report["train_config"]["out"]
+    assert all(not Path(p).is_absolute() and (tmp_path / p).is_dir() for p in paths), paths
     assert "reconstruction L1" in format_learning(report)
