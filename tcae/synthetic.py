@@ -328,16 +328,16 @@ def _pose(pose: Pose | Sequence[float] | np.ndarray | None) -> Pose:
     return Pose(*np.asarray(pose, dtype=np.float64).reshape(-1)[: len(POSE_NAMES)].tolist())
 
 
-def _face_coords(pose: Pose, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Pixel centres in image coordinates [-1, 1] (``gx, gy``), then in face coordinates (``x, y``), by
-    undoing translation, roll and scale."""
+def _face_coords(pose: Pose, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pixel centres' image row coordinate ``gy`` in [-1, 1], and their face coordinates ``x, y``
+    (translation, roll and scale undone)."""
     g = (np.arange(size, dtype=np.float32) + 0.5) * (2.0 / size) - 1.0
     gx, gy = np.meshgrid(g, g)
     theta = math.radians(pose.roll)
     c, s = math.cos(theta), math.sin(theta)
     ux, uy = gx - 2.0 * pose.tx, gy - 2.0 * pose.ty
     zoom = _FACE_ZOOM * pose.scale
-    return gx, gy, (c * ux + s * uy) / zoom, (-s * ux + c * uy) / zoom
+    return gy, (c * ux + s * uy) / zoom, (-s * ux + c * uy) / zoom
 
 
 def _bump(x: np.ndarray, y: np.ndarray, sx: float, sy: float) -> np.ndarray:
@@ -394,7 +394,7 @@ def au_displacement(
     takes the AU-free frame to the "warp"-style frame with ``au`` at the same ``pose``, in TCAE's
     convention (``tcae_kernels.warp``: the output at x samples the input at x − δ)."""
     pose = _pose(pose)
-    _, _, x, y = _face_coords(pose, size)
+    _, x, y = _face_coords(pose, size)
     dx, dy = _au_field(identity, _au_vector(au), x, y, pose.yaw)
     theta = math.radians(pose.roll)
     c, s = math.cos(theta), math.sin(theta)
@@ -423,7 +423,7 @@ def render_frame(
     a = _au_vector(au)
     pose = _pose(pose)
     p = identity
-    _, gy, x, y = _face_coords(pose, size)
+    gy, x, y = _face_coords(pose, size)
     zoom = _FACE_ZOOM * pose.scale
     if au_style == "warp":
         dx, dy = _au_field(p, a, x, y, pose.yaw)
